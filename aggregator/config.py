@@ -1,0 +1,98 @@
+"""Aggregator settings: one frozen object, read from TOML plus environment, checked once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmq.broker.architecture import MLPArchitecture
+from fedmq.broker.codecs import CODECS
+from fedmq.broker.config import ConfigReader, load_toml
+from fedmq.broker.errors import ConfigError
+from fedmq.broker.messages import Task
+from fedmq.broker.settings import BrokerSettings
+from fedmq.broker.topics import TopicError, check_name
+
+from .rounds import RoundPolicy
+
+DEFAULT_MAX_UPDATE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatorConfig:
+    fleet: str
+    state_dir: Path
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    client_id: str = "fedmq-aggregator"
+    arch: MLPArchitecture = field(default_factory=lambda: MLPArchitecture(64, (64, 32), 10))
+    seed: int = 0
+    task: Task = field(default_factory=Task)
+    policy: RoundPolicy = field(default_factory=RoundPolicy)
+    server_lr: float = 1.0
+    max_rounds: int = 0                 # stop after the registry holds 1 + max_rounds versions; 0 = run forever
+    max_update_bytes: int = DEFAULT_MAX_UPDATE_BYTES
+
+    def __post_init__(self) -> None:
+        try:
+            check_name(self.fleet, "fleet")
+            check_name(self.client_id, "client_id")
+        except TopicError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.task.codec not in CODECS:
+            raise ConfigError(f"unknown codec {self.task.codec!r}; known: {sorted(CODECS)}", key="task.codec")
+        if self.max_rounds < 0:
+            raise ConfigError("must be 0 (forever) or more", key="rounds.max_rounds")
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> AggregatorConfig:
+        return cls.from_mapping(load_toml(path), source=str(path), **overrides)
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], *, source: str = "<config>", **overrides: Any) -> AggregatorConfig:
+        """Build from a parsed TOML document; errors name the key and ``source``."""
+        top = ConfigReader(data, source)
+        try:
+            fleet = top.get("fleet", str, "default")
+            state_dir = Path(top.get("state_dir", str, expect="a directory for the registry, e.g. /var/lib/fedmq/aggregator"))
+            client_id = top.get("client_id", str, "fedmq-aggregator")
+            broker = BrokerSettings.from_config(top.section("broker"))
+            m = top.section("model")
+            arch = MLPArchitecture(
+                m.get("inputs", int, 64), tuple(m.get("hidden", list, [64, 32])), m.get("classes", int, 10)
+            )
+            seed = m.get("seed", int, 0)
+            t = top.section("task")
+            task = Task(
+                mode=t.get("mode", str, "sync"),
+                epochs=t.get("epochs", int, 5),
+                batch_size=t.get("batch_size", int, 16),
+                lr=t.get("lr", float, 0.2),
+                codec=t.get("codec", str, "fp32"),
+                deadline_s=t.get("deadline_s", float, 60.0),
+            )
+            r = top.section("rounds")
+            policy = RoundPolicy(
+                min_updates=r.get("min_updates", int, 1),
+                target_updates=r.get("target_updates", int, 10),
+                deadline_s=task.deadline_s,
+            )
+            server_lr = r.get("server_lr", float, 1.0, check=lambda v: v > 0, expect="a positive number")
+            max_rounds = r.get("max_rounds", int, 0)
+            lim = top.section("limits")
+            max_update_bytes = lim.get("max_update_bytes", int, DEFAULT_MAX_UPDATE_BYTES,
+                                       check=lambda v: 1024 <= v <= 256 * 1024 * 1024, expect="1 KiB to 256 MiB")
+            top.finish()
+            fields: dict[str, Any] = dict(
+                fleet=fleet, state_dir=state_dir, broker=broker, client_id=client_id, arch=arch, seed=seed,
+                task=task, policy=policy, server_lr=server_lr, max_rounds=max_rounds,
+                max_update_bytes=max_update_bytes,
+            )
+            fields.update(overrides)
+            return cls(**fields)
+        except ConfigError as exc:
+            if exc.source is None and exc.key is not None:
+                raise ConfigError(str(exc).split(": ", 1)[-1], key=exc.key, source=source) from None
+            raise
+        except ValueError as exc:
+            raise ConfigError(str(exc), source=source) from None

@@ -1,0 +1,235 @@
+"""The aggregator daemon: the thin I/O shell around rounds, strategies and the registry.
+
+It keeps one MQTT connection (reconnecting with backoff), publishes the current model retained,
+checks every update, answers each with a receipt, closes rounds and publishes the next version.
+A bad update is counted and answered, never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, OrderedDict
+from typing import Any
+
+import aiomqtt
+from fedmq.broker import topics
+from fedmq.broker.errors import ConfigError, Reason, RejectedMessage
+from fedmq.broker.messages import AggregatorStatus, ModelMessage, Receipt, decode_message
+from fedmq.broker.session import cancel_tasks, run_connected
+
+from fedmq import __version__
+
+from .config import AggregatorConfig
+from .intake import decode_update
+from .registry import ModelRegistry, VersionRecord
+from .rounds import SyncRound
+from .strategy import ServerSGD
+
+log = logging.getLogger(__name__)
+
+#: How many recently accepted (device, update id) pairs are remembered for de-duplication.
+DEDUP_WINDOW = 200_000
+
+
+class Aggregator:
+    """Synchronous FedAvg over MQTT. ``await Aggregator(config).run(stop)`` until ``stop`` is set."""
+
+    def __init__(self, config: AggregatorConfig) -> None:
+        self.config = config
+        self.counters: Counter[str] = Counter()
+        self.registry = ModelRegistry(config.state_dir)
+        self.optimizer = ServerSGD(config.server_lr)
+        self._shapes = config.arch.param_shapes()
+        self._lock = asyncio.Lock()
+        self._seen: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._started = time.time()
+        self._stop: asyncio.Event | None = None
+        self._deadline_warned = False
+        self.model, self.model_payload = self._load_or_create_model()
+        self.round = self._open_round()
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def _load_or_create_model(self) -> tuple[ModelMessage, bytes]:
+        record = self.registry.latest()
+        if record is None:
+            model = ModelMessage(
+                fleet=self.config.fleet, version=1, parent=0, arch=self.config.arch, task=self.config.task,
+                params=self.config.arch.init_params(self.config.seed), created=time.time(),
+            )
+            payload = model.encode()
+            self.registry.add(1, 0, payload, {"initial": True, "seed": self.config.seed})
+            log.info("created initial model v1 (%s, %d parameters) in %s", self.config.arch.widths,
+                     self.config.arch.num_params(), self.config.state_dir)
+            return model, payload
+        payload = self.registry.load_payload(record)
+        model = decode_message(payload, max_bytes=len(payload), expect=ModelMessage)
+        if model.arch != self.config.arch or model.fleet != self.config.fleet:
+            raise ConfigError(
+                f"the registry in {self.config.state_dir} holds fleet {model.fleet!r} with architecture "
+                f"{model.arch.widths}, but the config asks for fleet {self.config.fleet!r} with "
+                f"{self.config.arch.widths}; use another state_dir for a new model"
+            )
+        if model.task != self.config.task:
+            # the task is part of the published model: changing it takes effect from the next version
+            log.info("task settings changed; they apply from version %d on", model.version + 1)
+        log.info("resuming from model v%d in %s", model.version, self.config.state_dir)
+        return model, payload
+
+    def _open_round(self) -> SyncRound:
+        self._deadline_warned = False
+        return SyncRound(self.model.version, self._shapes, self.config.policy, opened_at=time.time())
+
+    def status(self, state: str = "online") -> AggregatorStatus:
+        counters = {k: float(v) for k, v in sorted(self.counters.items())}
+        counters["round_updates"] = float(self.round.count)
+        return AggregatorStatus(state=state, model_version=self.model.version, mode=self.config.task.mode,  # type: ignore[arg-type]
+                                software=__version__, since=self._started, counters=counters)
+
+    @property
+    def done(self) -> bool:
+        return 0 < self.config.max_rounds <= self.model.version - 1
+
+    # -- I/O --------------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Serve until ``stop`` is set (or ``max_rounds`` rounds are done), then publish offline."""
+        self._stop = stop = stop or asyncio.Event()
+        if self.done:
+            log.info("max_rounds (%d) already reached at v%d; nothing to do", self.config.max_rounds, self.model.version)
+            return
+        fleet = self.config.fleet
+        offline = AggregatorStatus(state="offline", model_version=0, software=__version__).encode()
+        try:
+            await run_connected(
+                self.config.broker, self._session, identifier=self.config.client_id, stop=stop,
+                will=lambda: aiomqtt.Will(topics.aggregator_status_topic(fleet), offline, qos=1, retain=True),
+                persistent_session=True,
+            )
+        finally:
+            self.registry.close()
+
+    async def _session(self, client: aiomqtt.Client, protocol: str) -> None:
+        fleet = self.config.fleet
+        assert self._stop is not None
+        await client.subscribe(topics.updates_filter(fleet), qos=1)
+        await client.publish(topics.model_topic(fleet), self.model_payload, qos=1, retain=True)
+        await self._publish_status(client)
+        tasks = [
+            asyncio.create_task(self._consume(client), name="consume"),
+            asyncio.create_task(self._watch_deadline(client), name="deadline"),
+            asyncio.create_task(self._stop.wait(), name="stop"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await cancel_tasks(tasks)
+        for task in done:
+            if task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        # graceful stop: say so before the connection closes (the Will covers crashes only)
+        async with self._lock:
+            await client.publish(topics.aggregator_status_topic(fleet), self.status("offline").encode(), qos=1, retain=True)
+        log.info("aggregator stopped at v%d; counters %s", self.model.version, dict(self.counters))
+
+    async def _publish_status(self, client: aiomqtt.Client) -> None:
+        await client.publish(topics.aggregator_status_topic(self.config.fleet), self.status().encode(), qos=1, retain=True)
+
+    async def _consume(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            try:
+                parsed = topics.parse_topic(str(message.topic))
+            except topics.TopicError:
+                parsed = None
+            if parsed is None or parsed.kind != "update" or parsed.fleet != self.config.fleet or parsed.device is None:
+                self.counters["ignored"] += 1
+                log.warning("ignoring message on unexpected topic %s", message.topic)
+                continue
+            payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+            async with self._lock:
+                receipt = self.ingest(parsed.device, payload)
+                await client.publish(topics.receipt_topic(self.config.fleet, parsed.device), receipt.encode(), qos=1)
+                if self.round.ready(time.time()):
+                    await self._close_round(client)
+
+    async def _watch_deadline(self, client: aiomqtt.Client) -> None:
+        assert self._stop is not None
+        # loops on the stop flag as well as on cancellation: aiomqtt's publish() waits with
+        # asyncio.wait_for, which can swallow a cancellation on Python 3.11
+        while not self._stop.is_set():
+            wait = self.round.deadline - time.time()
+            await asyncio.sleep(min(max(wait, 0.05), 1.0))
+            async with self._lock:
+                now = time.time()
+                if self.round.ready(now):
+                    await self._close_round(client)
+                elif now >= self.round.deadline and not self._deadline_warned:
+                    self._deadline_warned = True
+                    log.warning("round for v%d passed its deadline with %d of min_updates=%d; waiting for more",
+                                self.model.version, self.round.count, self.config.policy.min_updates)
+
+    # -- the sans-IO steps the shell calls -------------------------------------------------------
+
+    def ingest(self, device: str, payload: bytes) -> Receipt:
+        """Check one update from ``device`` and fold it into the open round; return its receipt."""
+        update_id = ""
+        try:
+            update, delta = decode_update(
+                payload, topic_device=device, shapes=self._shapes, codec=self.config.task.codec,
+                max_bytes=self.config.max_update_bytes,
+            )
+            update_id = update.update_id
+            key = (device, update.update_id)
+            if key in self._seen:
+                raise RejectedMessage(Reason.DUPLICATE, f"update {update.update_id} was already accepted")
+            self.round.add(update, delta, len(payload))
+            self._remember(key)
+        except RejectedMessage as exc:
+            self.counters["rejected"] += 1
+            self.counters[f"rejected_{exc.reason.value}"] += 1
+            log.warning("rejected update %r from %s: %s", update_id, device, exc)
+            return Receipt(device, update_id, "rejected", self.model.version, exc.reason.value, exc.detail)
+        except Exception as exc:  # a bug must cost one update, not the daemon
+            self.counters["rejected"] += 1
+            self.counters["rejected_internal"] += 1
+            log.exception("internal error on update %r from %s", update_id, device)
+            return Receipt(device, update_id, "rejected", self.model.version, Reason.INTERNAL.value, repr(exc)[:200])
+        self.counters["accepted"] += 1
+        self.counters["bytes_in"] += len(payload)
+        log.debug("accepted update %s from %s (%d examples)", update.update_id, device, update.num_examples)
+        return Receipt(device, update.update_id, "accepted", self.model.version)
+
+    def _remember(self, key: tuple[str, str]) -> None:
+        self._seen[key] = self.model.version
+        while len(self._seen) > DEDUP_WINDOW:
+            self._seen.popitem(last=False)
+
+    def close_round(self) -> VersionRecord:
+        """Average the round, step the model, store the new version and open the next round."""
+        result = self.round.result()
+        params = self.optimizer.step(self.model.params, result.mean_delta)
+        version = self.model.version + 1
+        model = ModelMessage(fleet=self.config.fleet, version=version, parent=self.model.version,
+                             arch=self.config.arch, task=self.config.task, params=params, created=time.time())
+        payload = model.encode()
+        info: dict[str, Any] = {
+            "updates": result.num_updates, "examples": result.num_examples, "bytes_in": result.bytes_in,
+            "round_seconds": round(time.time() - self.round.opened_at, 3), **result.metrics,
+        }
+        record = self.registry.add(version, self.model.version, payload, info)
+        self.model, self.model_payload = model, payload
+        self.round = self._open_round()
+        self.counters["rounds"] += 1
+        log.info("v%d published: %d updates, %d examples, train loss %.4f", version, result.num_updates,
+                 result.num_examples, result.metrics.get("train_loss", float("nan")))
+        return record
+
+    async def _close_round(self, client: aiomqtt.Client) -> None:
+        self.close_round()
+        await client.publish(topics.model_topic(self.config.fleet), self.model_payload, qos=1, retain=True)
+        await self._publish_status(client)
+        if self.done and self._stop is not None:
+            log.info("max_rounds (%d) reached at v%d", self.config.max_rounds, self.model.version)
+            self._stop.set()

@@ -1,0 +1,31 @@
+"""Checking one untrusted update against the current model: every refusal has a reason code."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from fedmq.broker.codecs import get_codec
+from fedmq.broker.errors import Reason, RejectedMessage
+from fedmq.broker.messages import UpdateMessage, decode_message
+
+
+def decode_update(payload: bytes, *, topic_device: str, shapes: Mapping[str, tuple[int, ...]], codec: str,
+                  max_bytes: int) -> tuple[UpdateMessage, dict[str, np.ndarray]]:
+    """Decode and validate an update received on ``topic_device``'s update topic.
+
+    Returns the message and its delta as float32 arrays of the model's shapes (views into the
+    payload where the codec allows). Version and duplicate checks are the round's business.
+    """
+    update: UpdateMessage = decode_message(payload, max_bytes=max_bytes, expect=UpdateMessage)
+    if update.device != topic_device:
+        raise RejectedMessage(Reason.DEVICE_MISMATCH, f"payload names device {update.device!r} but was published on {topic_device!r}'s topic")
+    if update.codec != codec:
+        raise RejectedMessage(Reason.CODEC, f"update uses codec {update.codec!r}; the task asks for {codec!r}")
+    delta = get_codec(update.codec).decode(update.tensors, shapes)
+    for name, array in delta.items():
+        flat = array.reshape(-1)
+        # one BLAS pass; only an overflowing or non-finite sum needs the exact (slower) check
+        if not np.isfinite(np.dot(flat, flat)) and not np.isfinite(flat).all():
+            raise RejectedMessage(Reason.NON_FINITE, f"tensor {name!r} contains NaN or infinity")
+    return update, delta

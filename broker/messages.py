@@ -1,0 +1,387 @@
+"""fedmq v1 messages: frozen dataclasses, validated when built from the wire.
+
+Every message is a :mod:`.wire` frame whose header has ``kind`` and ``schema``. ``encode()``
+returns the payload; :func:`decode_message` parses an untrusted payload and raises
+:class:`~.errors.RejectedMessage` with a reason code for anything it does not accept. Field-level
+checks here are the ones that need no model state; checks against the current model (tensor
+names and shapes, versions, duplicates) belong to the receiver.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from .architecture import MLPArchitecture
+from .errors import Reason, RejectedMessage
+from .topics import TopicError, check_device
+from .wire import Frame, decode_frame, encode_frame
+
+SCHEMA = 1
+MAX_METRICS = 32
+MAX_TEXT = 512
+MAX_EXAMPLES = 2**31 - 1
+MAX_VERSION = 2**53
+_UPDATE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+MODES = ("sync",)
+
+
+# -- field readers: each raises RejectedMessage(FIELD) naming the field -------------------------
+
+def _need(h: Mapping[str, Any], key: str) -> Any:
+    if key not in h:
+        raise RejectedMessage(Reason.FIELD, f"missing field {key!r}")
+    return h[key]
+
+
+def _int(h: Mapping[str, Any], key: str, lo: int, hi: int) -> int:
+    value = _need(h, key)
+    if type(value) is not int or not lo <= value <= hi:
+        raise RejectedMessage(Reason.FIELD, f"{key} must be an integer from {lo} to {hi}, got {value!r}")
+    return value
+
+
+def _float(h: Mapping[str, Any], key: str, lo: float, hi: float) -> float:
+    value = _need(h, key)
+    if type(value) not in (int, float):
+        raise RejectedMessage(Reason.FIELD, f"{key} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise RejectedMessage(Reason.NON_FINITE, f"{key} is {value}")
+    if not lo <= value <= hi:
+        raise RejectedMessage(Reason.FIELD, f"{key} must be from {lo} to {hi}, got {value}")
+    return float(value)
+
+
+def _text(h: Mapping[str, Any], key: str, *, max_len: int = MAX_TEXT, optional: bool = False) -> str:
+    if optional and key not in h:
+        return ""
+    value = _need(h, key)
+    if not isinstance(value, str) or len(value) > max_len:
+        raise RejectedMessage(Reason.FIELD, f"{key} must be a string of at most {max_len} characters")
+    return value
+
+
+def _choice(h: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
+    value = _need(h, key)
+    if value not in choices:
+        raise RejectedMessage(Reason.FIELD, f"{key} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _device(h: Mapping[str, Any], key: str = "device") -> str:
+    value = _need(h, key)
+    try:
+        return check_device(value)
+    except TopicError as exc:
+        raise RejectedMessage(Reason.FIELD, str(exc)) from None
+
+
+def _metrics(h: Mapping[str, Any], key: str = "metrics") -> dict[str, float]:
+    value = h.get(key, {})
+    if not isinstance(value, dict) or len(value) > MAX_METRICS:
+        raise RejectedMessage(Reason.FIELD, f"{key} must be a map of at most {MAX_METRICS} numbers")
+    out: dict[str, float] = {}
+    for name, number in value.items():
+        if not isinstance(name, str) or len(name) > 64 or type(number) not in (int, float):
+            raise RejectedMessage(Reason.FIELD, f"{key} must map short names to numbers")
+        if not math.isfinite(number):
+            raise RejectedMessage(Reason.NON_FINITE, f"{key}.{name} is {number}")
+        out[name] = float(number)
+    return out
+
+
+def _check_keys(h: Mapping[str, Any], kind: str, required: set[str], optional: set[str] = frozenset()) -> None:
+    unknown = set(h) - required - optional - {"kind", "schema"}
+    if unknown:
+        raise RejectedMessage(Reason.FIELD, f"unknown fields in {kind} message: {sorted(unknown)}")
+
+
+def _no_tensors(frame: Frame, kind: str) -> None:
+    if frame.tensors:
+        raise RejectedMessage(Reason.TENSORS, f"a {kind} message carries no tensors")
+
+
+# -- messages -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """What devices do with a model: the training settings the aggregator asks for."""
+
+    mode: Literal["sync"] = "sync"
+    epochs: int = 5
+    batch_size: int = 16
+    lr: float = 0.2
+    codec: str = "fp32"
+    deadline_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"task mode must be one of {MODES}, got {self.mode!r}")
+        if not (type(self.epochs) is int and 1 <= self.epochs <= 1000):
+            raise ValueError(f"task epochs must be an integer from 1 to 1000, got {self.epochs!r}")
+        if not (type(self.batch_size) is int and 1 <= self.batch_size <= 65536):
+            raise ValueError(f"task batch_size must be an integer from 1 to 65536, got {self.batch_size!r}")
+        if not (math.isfinite(self.lr) and 0 < self.lr <= 100):
+            raise ValueError(f"task lr must be a number in (0, 100], got {self.lr!r}")
+        if not (math.isfinite(self.deadline_s) and 0 < self.deadline_s <= 7 * 86400):
+            raise ValueError(f"task deadline_s must be in (0, 604800], got {self.deadline_s!r}")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"mode": self.mode, "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
+                "codec": self.codec, "deadline_s": self.deadline_s}
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Task:
+        if not isinstance(value, dict):
+            raise RejectedMessage(Reason.FIELD, "task must be a map")
+        _check_keys(value, "task", {"mode", "epochs", "batch_size", "lr", "codec", "deadline_s"})
+        try:
+            return cls(
+                mode=_choice(value, "mode", MODES),  # type: ignore[arg-type]
+                epochs=_int(value, "epochs", 1, 1000),
+                batch_size=_int(value, "batch_size", 1, 65536),
+                lr=_float(value, "lr", 0.0, 100.0),
+                codec=_text(value, "codec", max_len=32),
+                deadline_s=_float(value, "deadline_s", 0.0, 7 * 86400.0),
+            )
+        except ValueError as exc:
+            if isinstance(exc, RejectedMessage):
+                raise
+            raise RejectedMessage(Reason.FIELD, str(exc)) from None
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class ModelMessage:
+    """A global model version, published retained on the model topic."""
+
+    KIND: ClassVar[str] = "model"
+    fleet: str
+    version: int
+    parent: int
+    arch: MLPArchitecture
+    task: Task
+    params: Mapping[str, np.ndarray] = field(repr=False)
+    created: float = 0.0
+
+    def encode(self) -> bytes:
+        header = {"kind": self.KIND, "schema": SCHEMA, "fleet": self.fleet, "version": self.version,
+                  "parent": self.parent, "created": self.created, "arch": self.arch.to_wire(),
+                  "task": self.task.to_wire()}
+        return encode_frame(header, self.params)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> ModelMessage:
+        h = frame.header
+        _check_keys(h, cls.KIND, {"fleet", "version", "parent", "created", "arch", "task"})
+        version = _int(h, "version", 1, MAX_VERSION)
+        parent = _int(h, "parent", 0, version - 1)
+        arch = MLPArchitecture.from_wire(_need(h, "arch"))
+        shapes = arch.param_shapes()
+        if frame.tensors.keys() != shapes.keys():
+            raise RejectedMessage(Reason.TENSORS, f"model tensors {sorted(frame.tensors)} do not match arch {sorted(shapes)}")
+        for name, shape in shapes.items():
+            t = frame.tensors[name]
+            if t.dtype != np.float32:
+                raise RejectedMessage(Reason.DTYPE, f"model tensor {name!r} must be float32, is {t.dtype}")
+            if t.shape != shape:
+                raise RejectedMessage(Reason.SHAPE, f"model tensor {name!r} has shape {t.shape}, arch says {shape}")
+            if not np.isfinite(t).all():
+                raise RejectedMessage(Reason.NON_FINITE, f"model tensor {name!r} has NaN or infinity")
+        return cls(
+            fleet=_text(h, "fleet", max_len=64),
+            version=version,
+            parent=parent,
+            arch=arch,
+            task=Task.from_wire(_need(h, "task")),
+            params=frame.tensors,
+            created=_float(h, "created", 0.0, 1e11),
+        )
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class UpdateMessage:
+    """A weight delta (trained minus received weights) from one device, encoded by ``codec``."""
+
+    KIND: ClassVar[str] = "update"
+    device: str
+    update_id: str
+    base_version: int
+    num_examples: int
+    codec: str
+    tensors: Mapping[str, np.ndarray] = field(repr=False)
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    created: float = 0.0
+
+    def encode(self) -> bytes:
+        header = {"kind": self.KIND, "schema": SCHEMA, "device": self.device, "update_id": self.update_id,
+                  "base_version": self.base_version, "num_examples": self.num_examples, "codec": self.codec,
+                  "metrics": dict(self.metrics), "created": self.created}
+        return encode_frame(header, self.tensors)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> UpdateMessage:
+        h = frame.header
+        _check_keys(h, cls.KIND, {"device", "update_id", "base_version", "num_examples", "codec"},
+                    {"metrics", "created"})
+        update_id = _need(h, "update_id")
+        if not isinstance(update_id, str) or not _UPDATE_ID.match(update_id):
+            raise RejectedMessage(Reason.FIELD, "update_id must be 1-64 characters from A-Z a-z 0-9 _ . : -")
+        codec = _need(h, "codec")
+        if not isinstance(codec, str) or len(codec) > 32:
+            raise RejectedMessage(Reason.CODEC, f"codec must be a short string, got {codec!r}")
+        if not frame.tensors:
+            raise RejectedMessage(Reason.TENSORS, "an update carries at least one tensor")
+        return cls(
+            device=_device(h),
+            update_id=update_id,
+            base_version=_int(h, "base_version", 1, MAX_VERSION),
+            num_examples=_int(h, "num_examples", 1, MAX_EXAMPLES),
+            codec=codec,
+            tensors=frame.tensors,
+            metrics=_metrics(h),
+            created=_float(h, "created", 0.0, 1e11) if "created" in h else 0.0,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """The aggregator's answer to one update. ``reason`` is set when ``status`` is ``rejected``.
+
+    A ``duplicate`` rejection means the update was already accepted earlier: the device may drop it.
+    """
+
+    KIND: ClassVar[str] = "receipt"
+    device: str
+    update_id: str
+    status: Literal["accepted", "rejected"]
+    model_version: int
+    reason: str | None = None
+    detail: str = ""
+
+    def encode(self) -> bytes:
+        header = {"kind": self.KIND, "schema": SCHEMA, "device": self.device, "update_id": self.update_id,
+                  "status": self.status, "model_version": self.model_version, "reason": self.reason,
+                  "detail": self.detail[:MAX_TEXT]}
+        return encode_frame(header)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Receipt:
+        h = frame.header
+        _no_tensors(frame, cls.KIND)
+        _check_keys(h, cls.KIND, {"device", "update_id", "status", "model_version"}, {"reason", "detail"})
+        status = _choice(h, "status", ("accepted", "rejected"))
+        reason = h.get("reason")
+        if status == "rejected" and reason not in {r.value for r in Reason}:
+            raise RejectedMessage(Reason.FIELD, f"a rejected receipt needs a known reason, got {reason!r}")
+        return cls(
+            device=_device(h),
+            update_id=_text(h, "update_id", max_len=64),
+            status=status,  # type: ignore[arg-type]
+            model_version=_int(h, "model_version", 0, MAX_VERSION),
+            reason=reason if status == "rejected" else None,
+            detail=_text(h, "detail", optional=True),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStatus:
+    """Retained presence and health of one device; the ``offline`` form is its Last Will."""
+
+    KIND: ClassVar[str] = "status"
+    device: str
+    state: Literal["online", "offline"]
+    model_version: int = 0
+    software: str = ""
+    platform: str = ""
+    backend: str = ""
+    since: float = 0.0
+    detail: str = ""
+    counters: Mapping[str, float] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        header = {"kind": self.KIND, "schema": SCHEMA, "device": self.device, "state": self.state,
+                  "model_version": self.model_version, "software": self.software, "platform": self.platform,
+                  "backend": self.backend, "since": self.since, "detail": self.detail[:MAX_TEXT],
+                  "counters": dict(self.counters)}
+        return encode_frame(header)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> DeviceStatus:
+        h = frame.header
+        _no_tensors(frame, cls.KIND)
+        _check_keys(h, cls.KIND, {"device", "state"},
+                    {"model_version", "software", "platform", "backend", "since", "detail", "counters"})
+        return cls(
+            device=_device(h),
+            state=_choice(h, "state", ("online", "offline")),  # type: ignore[arg-type]
+            model_version=_int(h, "model_version", 0, MAX_VERSION) if "model_version" in h else 0,
+            software=_text(h, "software", max_len=64, optional=True),
+            platform=_text(h, "platform", max_len=128, optional=True),
+            backend=_text(h, "backend", max_len=32, optional=True),
+            since=_float(h, "since", 0.0, 1e11) if "since" in h else 0.0,
+            detail=_text(h, "detail", optional=True),
+            counters=_metrics(h, "counters"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatorStatus:
+    """Retained aggregator presence with its counters; the ``offline`` form is its Last Will."""
+
+    KIND: ClassVar[str] = "aggregator_status"
+    state: Literal["online", "offline"]
+    model_version: int = 0
+    mode: str = ""
+    software: str = ""
+    since: float = 0.0
+    counters: Mapping[str, float] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        header = {"kind": self.KIND, "schema": SCHEMA, "state": self.state, "model_version": self.model_version,
+                  "mode": self.mode, "software": self.software, "since": self.since, "counters": dict(self.counters)}
+        return encode_frame(header)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> AggregatorStatus:
+        h = frame.header
+        _no_tensors(frame, cls.KIND)
+        _check_keys(h, cls.KIND, {"state"}, {"model_version", "mode", "software", "since", "counters"})
+        return cls(
+            state=_choice(h, "state", ("online", "offline")),  # type: ignore[arg-type]
+            model_version=_int(h, "model_version", 0, MAX_VERSION) if "model_version" in h else 0,
+            mode=_text(h, "mode", max_len=32, optional=True),
+            software=_text(h, "software", max_len=64, optional=True),
+            since=_float(h, "since", 0.0, 1e11) if "since" in h else 0.0,
+            counters=_metrics(h, "counters") if "counters" in h else {},
+        )
+
+
+Message = ModelMessage | UpdateMessage | Receipt | DeviceStatus | AggregatorStatus
+MESSAGE_TYPES: dict[str, type] = {
+    t.KIND: t for t in (ModelMessage, UpdateMessage, Receipt, DeviceStatus, AggregatorStatus)
+}
+
+
+def decode_message(payload: bytes | bytearray | memoryview, *, max_bytes: int, expect: type | None = None) -> Any:
+    """Decode an untrusted payload into a message; with ``expect``, only that message type.
+
+    Raises :class:`RejectedMessage` (``oversize``, ``malformed``, ``schema``, ``kind``, field-level
+    reasons) for anything else.
+    """
+    frame = decode_frame(payload, max_bytes=max_bytes)
+    h = frame.header
+    schema = h.get("schema")
+    if schema != SCHEMA:
+        raise RejectedMessage(Reason.SCHEMA, f"schema {schema!r} is not supported (this side speaks {SCHEMA})")
+    kind = h.get("kind")
+    message_type = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    if message_type is None:
+        raise RejectedMessage(Reason.KIND, f"unknown message kind {kind!r}")
+    if expect is not None and message_type is not expect:
+        raise RejectedMessage(Reason.KIND, f"expected a {expect.KIND} message, got {kind!r}")  # type: ignore[attr-defined]
+    return message_type.from_frame(frame)

@@ -1,0 +1,176 @@
+"""The fedmq frame: a msgpack header map, then the raw bytes of the message's tensors.
+
+::
+
+    payload := header [padding body]
+    header  := msgpack map (the message fields; "tensors" lists the tensor descriptors)
+    padding := zero bytes up to the next multiple of 8 (only when there are tensors)
+    body    := the tensors' little-endian bytes, concatenated in descriptor order
+
+Keeping the tensor bytes outside msgpack lets the receiver take numpy views straight into the
+payload instead of copying every tensor (msgpack's ``unpackb`` copies each bin field). A message
+without tensors (status, receipt) is a plain msgpack map.
+
+Decoding treats the payload as hostile: the size is checked before anything is parsed, the header
+is parsed from a bounded prefix with msgpack's limits, and every descriptor is checked before a
+view is taken. Every refusal is a :class:`~.errors.RejectedMessage` with a reason code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from .errors import Reason, RejectedMessage
+
+#: Dtypes a tensor may have on the wire (always little-endian).
+WIRE_DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(name).newbyteorder("<")
+    for name in ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "uint32", "int64")
+}
+_DTYPE_NAMES = {dt: name for name, dt in WIRE_DTYPES.items()}
+
+MAX_HEADER_BYTES = 256 * 1024
+MAX_TENSORS = 4096
+MAX_NDIM = 8
+ALIGNMENT = 8
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class Frame:
+    """A decoded frame: the header fields (without ``tensors``) and read-only tensor views."""
+
+    header: dict[str, Any]
+    tensors: dict[str, np.ndarray]
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """The wire name of a numpy dtype; raise ``ValueError`` for dtypes the wire cannot carry."""
+    name = _DTYPE_NAMES.get(np.dtype(dtype).newbyteorder("<"))
+    if name is None:
+        raise ValueError(f"dtype {dtype} cannot be sent; use one of {sorted(WIRE_DTYPES)}")
+    return name
+
+
+def encode_frame(header: Mapping[str, Any], tensors: Mapping[str, np.ndarray] | None = None) -> bytes:
+    """Encode ``header`` and ``tensors`` into one payload (see the module docstring)."""
+    if "tensors" in header:
+        raise ValueError("'tensors' is reserved for the tensor descriptors")
+    fields = dict(header)
+    if not tensors:
+        return msgpack.packb(fields, use_bin_type=True)
+    arrays = []
+    descriptors = []
+    for name, array in tensors.items():
+        array = np.asarray(array)
+        wire_dtype = WIRE_DTYPES[dtype_name(array.dtype)]
+        array = np.ascontiguousarray(array, dtype=wire_dtype)
+        descriptors.append({"name": name, "dtype": dtype_name(wire_dtype), "shape": list(array.shape)})
+        arrays.append(memoryview(array).cast("B"))
+    fields["tensors"] = descriptors
+    head = msgpack.packb(fields, use_bin_type=True)
+    padding = b"\0" * (-len(head) % ALIGNMENT)
+    return b"".join([head, padding, *arrays])
+
+
+def _unpacker() -> msgpack.Unpacker:
+    limit = MAX_HEADER_BYTES
+    return msgpack.Unpacker(
+        raw=False,
+        strict_map_key=True,
+        use_list=True,
+        max_buffer_size=limit,
+        max_str_len=limit,
+        max_bin_len=limit,
+        max_array_len=MAX_TENSORS * 2,
+        max_map_len=MAX_TENSORS * 2,
+        max_ext_len=0,
+    )
+
+
+def decode_frame(payload: bytes | bytearray | memoryview, *, max_bytes: int) -> Frame:
+    """Decode an untrusted payload of at most ``max_bytes`` into a :class:`Frame`.
+
+    The tensors are read-only views into ``payload`` (no copy); keep the payload alive as long as
+    them, which numpy does by itself through the views' ``base``.
+    """
+    try:
+        view = memoryview(payload).cast("B")
+    except TypeError as exc:
+        raise RejectedMessage(Reason.MALFORMED, f"payload is not bytes: {type(payload).__name__}") from exc
+    size = view.nbytes
+    if size > max_bytes:
+        raise RejectedMessage(Reason.OVERSIZE, f"payload of {size} bytes exceeds the cap of {max_bytes} bytes")
+    if size == 0:
+        raise RejectedMessage(Reason.MALFORMED, "empty payload")
+    unpacker = _unpacker()
+    unpacker.feed(view[:MAX_HEADER_BYTES])
+    try:
+        header = unpacker.unpack()
+    except msgpack.OutOfData:
+        raise RejectedMessage(
+            Reason.MALFORMED, f"truncated msgpack header (or header over {MAX_HEADER_BYTES} bytes)"
+        ) from None
+    except (ValueError, TypeError, msgpack.StackError, msgpack.FormatError) as exc:
+        raise RejectedMessage(Reason.MALFORMED, f"not a msgpack header: {exc}") from None
+    if not isinstance(header, dict):
+        raise RejectedMessage(Reason.MALFORMED, f"header is a {type(header).__name__}, not a map")
+    header_end = unpacker.tell()
+    descriptors = header.pop("tensors", None)
+    if descriptors is None:
+        if header_end != size:
+            raise RejectedMessage(Reason.MALFORMED, f"{size - header_end} unexpected bytes after the header")
+        return Frame(header, {})
+    return Frame(header, _tensor_views(payload, descriptors, header_end, size))
+
+
+def _tensor_views(payload: Any, descriptors: Any, header_end: int, size: int) -> dict[str, np.ndarray]:
+    if not isinstance(descriptors, list):
+        raise RejectedMessage(Reason.MALFORMED, "'tensors' must be a list of descriptors")
+    if len(descriptors) > MAX_TENSORS:
+        raise RejectedMessage(Reason.MALFORMED, f"more than {MAX_TENSORS} tensors")
+    offset = header_end + (-header_end % ALIGNMENT)
+    if offset > size or any(payload[header_end:offset]):
+        raise RejectedMessage(Reason.MALFORMED, "missing or non-zero padding after the header")
+    tensors: dict[str, np.ndarray] = {}
+    for index, desc in enumerate(descriptors):
+        name, dtype, shape = _check_descriptor(index, desc)
+        if name in tensors:
+            raise RejectedMessage(Reason.TENSORS, f"tensor {name!r} appears twice")
+        count = math.prod(shape)
+        nbytes = count * dtype.itemsize
+        if offset + nbytes > size:
+            raise RejectedMessage(
+                Reason.MALFORMED, f"payload truncated: tensor {name!r} needs {nbytes} bytes at offset {offset}, "
+                f"payload has {size}"
+            )
+        array = np.frombuffer(payload, dtype=dtype, count=count, offset=offset).reshape(shape)
+        array.flags.writeable = False
+        tensors[name] = array
+        offset += nbytes
+    if offset != size:
+        raise RejectedMessage(Reason.MALFORMED, f"{size - offset} unexpected bytes after the last tensor")
+    return tensors
+
+
+def _check_descriptor(index: int, desc: Any) -> tuple[str, np.dtype, tuple[int, ...]]:
+    if not isinstance(desc, dict) or set(desc) != {"name", "dtype", "shape"}:
+        raise RejectedMessage(Reason.MALFORMED, f"tensor descriptor #{index} must be a map of name, dtype, shape")
+    name, dtype_name_, shape = desc["name"], desc["dtype"], desc["shape"]
+    if not isinstance(name, str) or not 0 < len(name) <= 128:
+        raise RejectedMessage(Reason.MALFORMED, f"tensor descriptor #{index}: name must be a string of 1-128 characters")
+    dtype = WIRE_DTYPES.get(dtype_name_) if isinstance(dtype_name_, str) else None
+    if dtype is None:
+        raise RejectedMessage(Reason.DTYPE, f"tensor {name!r}: unknown dtype {dtype_name_!r}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_NDIM
+        or not all(type(d) is int and 0 <= d < 2**32 for d in shape)
+    ):
+        raise RejectedMessage(Reason.SHAPE, f"tensor {name!r}: shape must be a list of at most {MAX_NDIM} non-negative ints")
+    return name, dtype, tuple(shape)

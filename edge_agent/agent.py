@@ -1,0 +1,273 @@
+"""The agent daemon: receive the global model, train locally, publish the delta, keep status.
+
+Three activities share one agent: the connection (reconnecting with backoff), the trainer (a
+long-lived task that trains off the event loop whenever a newer model is installed) and the
+outbox sender (publishes finished updates until a receipt arrives). The trainer and the outbox
+live across reconnects, so a broker outage loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import platform
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import aiomqtt
+import numpy as np
+from fedmq.broker import topics
+from fedmq.broker.codecs import get_codec
+from fedmq.broker.errors import Reason, RejectedMessage
+from fedmq.broker.files import write_atomic
+from fedmq.broker.messages import DeviceStatus, ModelMessage, Receipt, UpdateMessage, decode_message
+from fedmq.broker.session import cancel_tasks, run_connected
+
+from fedmq import __version__
+
+from . import training
+from .config import AgentConfig
+from .data import DataError, load_npz
+from .outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.fmq"
+
+
+def platform_string() -> str:
+    return f"{platform.system()}-{platform.machine()} Python {platform.python_version()}"
+
+
+class Agent:
+    """One edge device. ``await Agent(config).run(stop)`` until ``stop`` is set."""
+
+    def __init__(self, config: AgentConfig, *, dataset: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        self.config = config
+        self.device = config.device_id
+        self.counters: Counter[str] = Counter()
+        self.state_dir = Path(config.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(self.state_dir / "outbox")
+        self._dataset = dataset
+        self.model: ModelMessage | None = None
+        self.detail = ""
+        self._model_changed = asyncio.Event()
+        self._outbox_changed = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+        self._since = time.time()
+        self._stop = asyncio.Event()
+        self._load_installed_model()
+
+    # -- state ------------------------------------------------------------------------------------
+
+    @property
+    def model_version(self) -> int:
+        return self.model.version if self.model else 0
+
+    def _load_installed_model(self) -> None:
+        path = self.state_dir / MODEL_FILE
+        if not path.exists():
+            return
+        try:
+            payload = path.read_bytes()
+            self.model = decode_message(payload, max_bytes=len(payload) + 1, expect=ModelMessage)
+            log.info("%s: serving installed model v%d from %s", self.device, self.model.version, path)
+        except (OSError, RejectedMessage) as exc:
+            log.warning("%s: ignoring unreadable installed model %s: %s", self.device, path, exc)
+
+    def dataset(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._dataset is None:
+            if self.config.data is None:
+                raise DataError("no local data: set 'data' in the agent config to an .npz file with x and y")
+            self._dataset = load_npz(self.config.data)
+        return self._dataset
+
+    def install(self, payload: bytes) -> ModelMessage:
+        """Check a model payload and make it the current model (atomically, on disk first).
+
+        Raises :class:`RejectedMessage` for a malformed model or one that is not newer.
+        """
+        model: ModelMessage = decode_message(payload, max_bytes=self.config.max_model_bytes, expect=ModelMessage)
+        if model.fleet != self.config.fleet:
+            raise RejectedMessage(Reason.FIELD, f"model is for fleet {model.fleet!r}, this device is in {self.config.fleet!r}")
+        if model.version <= self.model_version:
+            raise RejectedMessage(Reason.VERSION, f"model v{model.version} is not newer than the installed v{self.model_version}")
+        write_atomic(self.state_dir / MODEL_FILE, payload)
+        self.model = model
+        self.counters["models_installed"] += 1
+        self._drop_superseded()
+        return model
+
+    def _drop_superseded(self) -> None:
+        # in sync mode the aggregator only takes updates for its current version: waiting ones are dead
+        for entry in self.outbox.entries():
+            if entry.base_version < self.model_version:
+                self.outbox.remove(entry.update_id)
+                self.counters["updates_superseded"] += 1
+                log.info("%s: dropped update %s for v%d: superseded by v%d before its receipt came",
+                         self.device, entry.update_id, entry.base_version, self.model_version)
+
+    def status(self, state: str = "online") -> DeviceStatus:
+        return DeviceStatus(
+            device=self.device, state=state, model_version=self.model_version, software=__version__,  # type: ignore[arg-type]
+            platform=platform_string(), backend=self.config.backend, since=self._since, detail=self.detail,
+            counters={k: float(v) for k, v in sorted(self.counters.items())},
+        )
+
+    def train_once(self, model: ModelMessage) -> tuple[UpdateMessage, bytes]:
+        """Train on local data from ``model`` and build the update (blocking: run it in a thread)."""
+        x, y = self.dataset()
+        if x.shape[1] != model.arch.inputs or int(y.max()) >= model.arch.classes:
+            raise DataError(
+                f"local data has {x.shape[1]} features and labels up to {int(y.max())}, but model v{model.version} "
+                f"takes {model.arch.inputs} inputs and {model.arch.classes} classes"
+            )
+        task = model.task
+        seed_text = f"{self.config.seed or self.device}/{model.version}"
+        seed = int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8], "little")
+        result = training.train(model.params, model.arch, x, y, epochs=task.epochs, batch_size=task.batch_size,
+                                lr=task.lr, seed=seed)
+        delta = {name: result.params[name] - model.params[name] for name in model.params}
+        update = UpdateMessage(
+            device=self.device, update_id=f"v{model.version}-{uuid.uuid4().hex[:12]}", base_version=model.version,
+            num_examples=result.num_examples, codec=task.codec, tensors=get_codec(task.codec).encode(delta),
+            metrics={"loss": result.loss, "accuracy": result.accuracy}, created=time.time(),
+        )
+        return update, update.encode()
+
+    # -- I/O --------------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        self._stop = stop = stop or asyncio.Event()
+        trainer = asyncio.create_task(self._train_forever(), name=f"{self.device}-trainer")
+        if self.model is not None:
+            self._model_changed.set()
+        offline = DeviceStatus(device=self.device, state="offline", software=__version__).encode()
+        try:
+            await run_connected(
+                self.config.broker, self._session, identifier=self.device, stop=stop,
+                will=lambda: aiomqtt.Will(topics.status_topic(self.config.fleet, self.device), offline, qos=1, retain=True),
+            )
+        finally:
+            await cancel_tasks([trainer])
+
+    async def _session(self, client: aiomqtt.Client, protocol: str) -> None:
+        fleet = self.config.fleet
+        self._client = client
+        await client.subscribe(topics.model_topic(fleet), qos=1)
+        await client.subscribe(topics.receipt_topic(fleet, self.device), qos=1)
+        await self.publish_status(client)
+        self.outbox.reset_schedule()
+        sender = asyncio.create_task(self._send_outbox(client), name=f"{self.device}-sender")
+        stop_wait = asyncio.create_task(self._stop.wait(), name=f"{self.device}-stop")
+        consume = asyncio.create_task(self._consume(client), name=f"{self.device}-consume")
+        tasks = [sender, stop_wait, consume]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._client = None
+            await cancel_tasks(tasks)
+        for task in done:
+            if task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        await client.publish(topics.status_topic(fleet, self.device), self.status("offline").encode(), qos=1, retain=True)
+
+    async def publish_status(self, client: aiomqtt.Client) -> None:
+        payload = self.status().encode()
+        await client.publish(topics.status_topic(self.config.fleet, self.device), payload, qos=1, retain=True)
+
+    async def _consume(self, client: aiomqtt.Client) -> None:
+        fleet = self.config.fleet
+        model_filter = topics.model_topic(fleet)
+        async for message in client.messages:
+            payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+            self.counters["bytes_received"] += len(payload)
+            if message.topic.matches(model_filter):
+                self._on_model(payload)
+                await self.publish_status(client)
+            else:
+                self._on_receipt(payload)
+
+    def _on_model(self, payload: bytes) -> None:
+        try:
+            model = self.install(payload)
+        except RejectedMessage as exc:
+            if exc.reason is Reason.VERSION:
+                log.debug("%s: %s", self.device, exc)  # the retained model again after a reconnect
+                return
+            self.counters[f"models_rejected_{exc.reason.value}"] += 1
+            self.detail = f"rejected model: {exc}"
+            log.warning("%s: rejected model: %s", self.device, exc)
+            return
+        self.detail = ""
+        log.info("%s: installed model v%d", self.device, model.version)
+        self._model_changed.set()
+
+    def _on_receipt(self, payload: bytes) -> None:
+        try:
+            receipt: Receipt = decode_message(payload, max_bytes=64 * 1024, expect=Receipt)
+        except RejectedMessage as exc:
+            log.warning("%s: unreadable receipt: %s", self.device, exc)
+            return
+        known = self.outbox.remove(receipt.update_id)
+        if receipt.status == "accepted":
+            self.counters["accepted"] += 1
+            log.info("%s: update %s accepted", self.device, receipt.update_id)
+        elif receipt.reason == Reason.DUPLICATE.value:
+            # already counted once by the aggregator: the receipt of the first copy was lost
+            self.counters["duplicate_receipts"] += 1
+        else:
+            self.counters["rejected"] += 1
+            self.counters[f"rejected_{receipt.reason}"] += 1
+            log.warning("%s: update %s rejected (%s): %s", self.device, receipt.update_id, receipt.reason, receipt.detail)
+        if not known:
+            log.debug("%s: receipt for unknown update %s", self.device, receipt.update_id)
+
+    async def _train_forever(self) -> None:
+        trained_version = 0
+        while True:
+            await self._model_changed.wait()
+            self._model_changed.clear()
+            model = self.model
+            if model is None or model.version <= trained_version:
+                continue
+            try:
+                update, payload = await asyncio.to_thread(self.train_once, model)
+            except DataError as exc:
+                self.detail = str(exc)
+                self.counters["training_errors"] += 1
+                log.error("%s: cannot train: %s", self.device, exc)
+                trained_version = model.version
+                continue
+            trained_version = model.version
+            if self.model is not None and self.model.version != model.version:
+                self.counters["updates_superseded"] += 1
+                log.info("%s: v%d arrived while training on v%d; discarding that update", self.device,
+                         self.model.version, model.version)
+                self._model_changed.set()
+                continue
+            self.outbox.put(update, payload)
+            self.counters["updates_trained"] += 1
+            self._outbox_changed.set()
+
+    async def _send_outbox(self, client: aiomqtt.Client) -> None:
+        # loops on the stop flag as well as on cancellation: aiomqtt's publish() waits with
+        # asyncio.wait_for, which can swallow a cancellation on Python 3.11
+        while not self._stop.is_set():
+            self._outbox_changed.clear()
+            for entry in self.outbox.due():
+                await client.publish(topics.update_topic(self.config.fleet, self.device), entry.payload, qos=1)
+                entry.attempts += 1
+                # back off between re-sends of the same update: the receipt may only be late
+                entry.next_attempt = time.monotonic() + self.config.resend_after_s * min(2 ** (entry.attempts - 1), 32)
+                self.counters["updates_sent"] += 1
+                self.counters["bytes_sent"] += len(entry.payload)
+            try:
+                async with asyncio.timeout(1.0):  # not wait_for: it can swallow a cancellation in 3.11
+                    await self._outbox_changed.wait()
+            except TimeoutError:
+                pass

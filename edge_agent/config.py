@@ -1,0 +1,71 @@
+"""Agent settings: one frozen object, read from TOML plus environment, checked once."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmq.broker.config import ConfigReader, load_toml
+from fedmq.broker.errors import ConfigError
+from fedmq.broker.settings import BrokerSettings
+from fedmq.broker.topics import TopicError, check_device, check_name
+
+BACKENDS = ("numpy",)
+DEFAULT_MAX_MODEL_BYTES = 64 * 1024 * 1024
+
+
+def default_device_id() -> str:
+    name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in socket.gethostname())[:64]
+    return name if name and name[0].isalnum() else f"device-{name}"[:64]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    device_id: str
+    state_dir: Path
+    data: Path | None = None
+    fleet: str = "default"
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    backend: str = "numpy"
+    max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
+    resend_after_s: float = 30.0      # re-publish an update whose receipt has not come after this long
+    seed: str | None = None           # shuffling seed for local training; default: the device id
+
+    def __post_init__(self) -> None:
+        try:
+            check_device(self.device_id)
+            check_name(self.fleet, "fleet")
+        except TopicError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {self.backend!r}; available: {list(BACKENDS)}", key="backend")
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> AgentConfig:
+        return cls.from_mapping(load_toml(path), source=str(path), **overrides)
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], *, source: str = "<config>", **overrides: Any) -> AgentConfig:
+        top = ConfigReader(data, source)
+        try:
+            fields: dict[str, Any] = dict(
+                device_id=top.get("device_id", str, None) or default_device_id(),
+                fleet=top.get("fleet", str, "default"),
+                state_dir=Path(top.get("state_dir", str, expect="a directory for the agent's model and outbox")),
+                data=Path(d) if (d := top.get("data", str, None)) else None,
+                backend=top.get("backend", str, "numpy"),
+                max_model_bytes=top.get("max_model_bytes", int, DEFAULT_MAX_MODEL_BYTES,
+                                        check=lambda v: 1024 <= v <= 1 << 30, expect="1 KiB to 1 GiB"),
+                resend_after_s=top.get("resend_after_s", float, 30.0, check=lambda v: v > 0, expect="positive"),
+                seed=top.get("seed", str, None),
+                broker=BrokerSettings.from_config(top.section("broker")),
+            )
+            top.finish()
+            fields.update(overrides)
+            return cls(**fields)
+        except ConfigError as exc:
+            if exc.source is None:
+                raise ConfigError(str(exc).split(": ", 1)[-1] if exc.key else str(exc), key=exc.key, source=source) from None
+            raise

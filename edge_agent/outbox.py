@@ -1,0 +1,77 @@
+"""The agent's outbox: finished updates on disk until the aggregator's receipt arrives.
+
+Each entry is one file ``<update_id>.fmq`` holding the exact payload, written atomically, so an
+update survives agent restarts and broker outages and is re-sent byte for byte.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmq.broker.errors import RejectedMessage
+from fedmq.broker.files import write_atomic
+from fedmq.broker.messages import UpdateMessage, decode_message
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class OutboxEntry:
+    update_id: str
+    base_version: int
+    payload: bytes
+    attempts: int = 0
+    next_attempt: float = 0.0      # monotonic time of the next (re-)send; 0 = now
+
+
+class Outbox:
+    """Pending updates under ``directory``, oldest first."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._entries: dict[str, OutboxEntry] = {}
+        for path in sorted(self.directory.glob("*.fmq"), key=lambda p: p.stat().st_mtime):
+            try:
+                payload = path.read_bytes()
+                update = decode_message(payload, max_bytes=len(payload) + 1, expect=UpdateMessage)
+            except (OSError, RejectedMessage) as exc:
+                log.warning("discarding unreadable outbox file %s: %s", path, exc)
+                path.unlink(missing_ok=True)
+                continue
+            self._entries[update.update_id] = OutboxEntry(update.update_id, update.base_version, payload)
+        if self._entries:
+            log.info("outbox holds %d update(s) from before the restart", len(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, update_id: str) -> bool:
+        return update_id in self._entries
+
+    def put(self, update: UpdateMessage, payload: bytes) -> OutboxEntry:
+        write_atomic(self.directory / f"{update.update_id}.fmq", payload)
+        entry = OutboxEntry(update.update_id, update.base_version, payload)
+        self._entries[update.update_id] = entry
+        return entry
+
+    def remove(self, update_id: str) -> bool:
+        entry = self._entries.pop(update_id, None)
+        (self.directory / f"{update_id}.fmq").unlink(missing_ok=True)
+        return entry is not None
+
+    def due(self, now: float | None = None) -> list[OutboxEntry]:
+        """Entries whose next send time has come."""
+        now = time.monotonic() if now is None else now
+        return [e for e in self._entries.values() if e.next_attempt <= now]
+
+    def entries(self) -> list[OutboxEntry]:
+        return list(self._entries.values())
+
+    def reset_schedule(self) -> None:
+        """Make every entry due now (after a reconnect: the broker may have lost in-flight messages)."""
+        for entry in self._entries.values():
+            entry.next_attempt = 0.0

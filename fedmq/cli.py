@@ -1,0 +1,188 @@
+"""The ``fedmq`` command: the composition root that wires broker, aggregator and edge agent.
+
+CLI -> config (checked once) -> daemon.run(stop). Signal handlers only set the stop flag; a
+second Ctrl-C (or SIGTERM) forces the exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedmq import __version__
+from fedmq.broker.errors import FedmqError
+
+log = logging.getLogger("fedmq")
+
+EXAMPLES = """\
+examples:
+  fedmq demo                                 federated digits demo on a local broker
+  fedmq demo --agents 5 --rounds 10 --report run.json
+  fedmq broker run --port 1883               a local broker for development
+  fedmq aggregator --config aggregator.toml  the cloud daemon
+  fedmq agent --config agent.toml            the device daemon
+"""
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    if level.upper() != "DEBUG":
+        for noisy in ("amqtt", "transitions", "asyncio"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _run_until_signal(make: Any) -> None:
+    """Run ``make(stop)`` (a coroutine) with SIGINT/SIGTERM setting ``stop``; a second signal exits at once."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int) -> None:
+            if stop.is_set():
+                log.warning("second %s: exiting now", signal.Signals(signum).name)
+                os._exit(128 + signum)
+            log.info("%s received: shutting down (send it again to force)", signal.Signals(signum).name)
+            stop.set()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal, signum)
+        await make(stop)
+
+    asyncio.run(main())
+
+
+# -- subcommands ------------------------------------------------------------------------------
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fedmq.demo import DemoOptions, run_demo
+
+    opts = DemoOptions(
+        agents=args.agents, rounds=args.rounds, alpha=args.alpha, seed=args.seed, broker_url=args.broker,
+        prefer_broker=args.local_broker, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        report=Path(args.report) if args.report else None, timeout_s=args.timeout,
+    )
+
+    async def demo(stop: asyncio.Event) -> None:
+        task = asyncio.create_task(run_demo(opts, say=lambda s: print(s, flush=True)))
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+        if task not in done:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise KeyboardInterrupt
+        task.result()
+
+    _run_until_signal(demo)
+    return 0
+
+
+def cmd_aggregator(args: argparse.Namespace) -> int:
+    from fedmq.aggregator.config import AggregatorConfig
+    from fedmq.aggregator.daemon import Aggregator
+
+    config = AggregatorConfig.from_file(args.config)
+    aggregator = Aggregator(config)
+    _run_until_signal(aggregator.run)
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from fedmq.edge_agent.agent import Agent
+    from fedmq.edge_agent.config import AgentConfig
+
+    if not args.config:
+        raise FedmqError("fedmq agent needs --config FILE (see deploy/agent.example.toml)")
+    config = AgentConfig.from_file(args.config)
+    agent = Agent(config)
+    _run_until_signal(agent.run)
+    return 0
+
+
+def cmd_broker_run(args: argparse.Namespace) -> int:
+    from fedmq.broker.local import LocalBroker
+
+    async def serve(stop: asyncio.Event) -> None:
+        async with LocalBroker(prefer=args.prefer, host=args.host, port=args.port) as broker:
+            print(f"{broker.kind} broker listening on {broker.url} (MQTT {', '.join(broker.protocols)}); "
+                  "Ctrl-C to stop", flush=True)
+            await stop.wait()
+
+    _run_until_signal(serve)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedmq", description="Federated learning for edge fleets over MQTT.", epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"fedmq {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("FEDMQ_LOG_LEVEL", "warning"),
+                        choices=["debug", "info", "warning", "error"], help="log verbosity (default: warning; env FEDMQ_LOG_LEVEL)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = sub.add_parser("demo", help="run a federated demo fleet on this machine",
+                          description="Start a local broker, an aggregator and N agents that train an MLP on "
+                          "non-IID shards of scikit-learn's digits; print one row per model version.")
+    demo.add_argument("--agents", type=int, default=10, help="number of agents (default 10)")
+    demo.add_argument("--rounds", type=int, default=20, help="number of rounds (default 20)")
+    demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration; smaller is more skewed (default 0.5)")
+    demo.add_argument("--seed", type=int, default=0, help="seed for the split and the initial model (default 0)")
+    demo.add_argument("--broker", metavar="URL", help="use this broker (mqtt://host:port[?protocol=5|3.1.1]) instead of starting one")
+    demo.add_argument("--local-broker", choices=["auto", "mosquitto", "amqtt"], default="auto",
+                      help="which local broker to start: auto = Mosquitto if installed, else embedded amqtt")
+    demo.add_argument("--epochs", type=int, default=5, help="local epochs per round (default 5)")
+    demo.add_argument("--batch-size", type=int, default=16, help="local minibatch size (default 16)")
+    demo.add_argument("--lr", type=float, default=0.2, help="local learning rate (default 0.2)")
+    demo.add_argument("--report", metavar="FILE.json", help="write one JSON object per model version to this file")
+    demo.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (default 600)")
+    demo.set_defaults(func=cmd_demo)
+
+    agg = sub.add_parser("aggregator", help="run the aggregator daemon",
+                         description="Run the aggregator: publish the model, check updates, run FedAvg rounds.")
+    agg.add_argument("--config", required=True, metavar="FILE", help="aggregator TOML (see deploy/aggregator.example.toml)")
+    agg.set_defaults(func=cmd_aggregator)
+
+    agent = sub.add_parser("agent", help="run the edge agent daemon",
+                           description="Run an edge agent: receive models, train on local data, publish deltas.")
+    agent.add_argument("--config", metavar="FILE", help="agent TOML (see deploy/agent.example.toml)")
+    agent.set_defaults(func=cmd_agent)
+
+    broker = sub.add_parser("broker", help="local broker for development and tests")
+    broker_sub = broker.add_subparsers(dest="broker_command", metavar="ACTION", required=True)
+    run = broker_sub.add_parser("run", help="start Mosquitto (if installed) or the embedded amqtt broker on loopback")
+    run.add_argument("--prefer", choices=["auto", "mosquitto", "amqtt"], default="auto")
+    run.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    run.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    run.set_defaults(func=cmd_broker_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return args.func(args)
+    except FedmqError as exc:
+        print(f"fedmq: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # option values checked by the option objects
+        print(f"fedmq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedmq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Every kind of bad update gets a rejected receipt with its reason and leaves the model alone;
+good ones are folded; rounds produce versions that survive a restart. No broker needed: these drive
+the aggregator's sans-IO steps directly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+from fedmq.aggregator.config import AggregatorConfig
+from fedmq.aggregator.daemon import Aggregator
+from fedmq.aggregator.rounds import RoundPolicy
+from fedmq.broker.architecture import MLPArchitecture
+from fedmq.broker.errors import ConfigError
+from fedmq.broker.messages import ModelMessage, UpdateMessage, decode_message
+
+ARCH = MLPArchitecture(4, (3,), 2)
+
+
+def make_config(tmp_path: Path, **overrides: object) -> AggregatorConfig:
+    fields: dict = dict(fleet="f1", state_dir=tmp_path / "agg", arch=ARCH, seed=7,
+                        policy=RoundPolicy(min_updates=1, target_updates=2), max_update_bytes=4096)
+    fields.update(overrides)
+    return AggregatorConfig(**fields)
+
+
+def delta(value: float = 0.1) -> dict[str, np.ndarray]:
+    return {name: np.full(shape, value, np.float32) for name, shape in ARCH.param_shapes().items()}
+
+
+def update(device: str = "d1", update_id: str = "u1", base: int = 1, tensors: dict | None = None,
+           **fields: object) -> bytes:
+    args: dict = dict(device=device, update_id=update_id, base_version=base, num_examples=10, codec="fp32",
+                      tensors=delta() if tensors is None else tensors, metrics={"loss": 0.5})
+    args.update(fields)
+    return UpdateMessage(**args).encode()
+
+
+@pytest.fixture
+def aggregator(tmp_path: Path) -> Aggregator:
+    return Aggregator(make_config(tmp_path))
+
+
+def snapshot(agg: Aggregator) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in agg.model.params.items()}
+
+
+def tamper_header(payload: bytes, **changes: object) -> bytes:
+    """Re-pack a frame's header with fields changed, keeping the tensor bytes."""
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(payload)
+    header = unpacker.unpack()
+    end = unpacker.tell()
+    header.update(changes)
+    for key in [k for k, v in changes.items() if v is None]:
+        del header[key]
+    head = msgpack.packb(header)
+    body_start = end + (-end % 8)
+    return head + b"\0" * (-len(head) % 8) + payload[body_start:]
+
+
+BAD_UPDATES: dict[str, tuple[Callable[[], bytes], str]] = {
+    "not msgpack": (lambda: b"\xc1\xc1 definitely not msgpack", "malformed"),
+    "empty": (lambda: b"", "malformed"),
+    "oversize": (lambda: b"\0" * 5000, "oversize"),
+    "truncated": (lambda: update()[:-3], "malformed"),
+    "wrong schema": (lambda: tamper_header(update(), schema=2), "schema"),
+    "wrong kind": (lambda: tamper_header(update(), kind="model"), "kind"),
+    "unknown kind": (lambda: tamper_header(update(), kind="weights"), "kind"),
+    "missing field": (lambda: tamper_header(update(), num_examples=None), "field"),
+    "unknown field": (lambda: tamper_header(update(), extra=1), "field"),
+    "zero examples": (lambda: tamper_header(update(), num_examples=0), "field"),
+    "other device": (lambda: update(device="d2"), "device_mismatch"),
+    "unknown codec": (lambda: update(codec="zip"), "codec"),
+    "unknown dtype": (lambda: tamper_header(update(), tensors=[{"name": "x", "dtype": "float128", "shape": [1]}]), "dtype"),
+    "wrong dtype": (lambda: update(tensors={k: v.astype(np.float16) for k, v in delta().items()}), "dtype"),
+    "missing tensor": (lambda: update(tensors={k: v for k, v in delta().items() if k != "dense1.bias"}), "tensors"),
+    "extra tensor": (lambda: update(tensors={**delta(), "dense9.bias": np.zeros(2, np.float32)}), "tensors"),
+    "wrong shape": (lambda: update(tensors={**delta(), "dense0.weight": np.zeros((3, 4), np.float32)}), "shape"),
+    "NaN": (lambda: update(tensors={**delta(), "dense0.bias": np.array([0, np.nan, 0], np.float32)}), "non_finite"),
+    "infinity": (lambda: update(tensors={**delta(), "dense1.weight": np.full((3, 2), np.inf, np.float32)}), "non_finite"),
+    "NaN metric": (lambda: update(metrics={"loss": float("nan")}), "non_finite"),
+    "stale version": (lambda: update(base=0), "field"),
+    "future version": (lambda: update(base=2), "future"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_UPDATES))
+def test_bad_update_is_rejected_with_reason_and_changes_nothing(aggregator: Aggregator, case: str) -> None:
+    make, reason = BAD_UPDATES[case]
+    before = snapshot(aggregator)
+    receipt = aggregator.ingest("d1", make())
+    assert receipt.status == "rejected"
+    assert receipt.reason == reason, receipt.detail
+    assert receipt.detail, "a rejection explains itself"
+    assert receipt.device == "d1"
+    assert aggregator.round.count == 0
+    assert aggregator.counters["rejected"] == 1 and aggregator.counters[f"rejected_{reason}"] == 1
+    assert aggregator.counters["accepted"] == 0
+    for name, value in before.items():
+        np.testing.assert_array_equal(aggregator.model.params[name], value)
+    # the aggregator still works after it
+    assert aggregator.ingest("d1", update()).status == "accepted"
+
+
+def test_stale_update_after_a_round_is_rejected(aggregator: Aggregator) -> None:
+    assert aggregator.ingest("d1", update("d1", "a")).status == "accepted"
+    assert aggregator.ingest("d2", update("d2", "b")).status == "accepted"
+    aggregator.close_round()
+    receipt = aggregator.ingest("d3", update("d3", "c", base=1))
+    assert (receipt.status, receipt.reason, receipt.model_version) == ("rejected", "stale", 2)
+
+
+def test_duplicate_update_id_is_rejected_as_duplicate(aggregator: Aggregator) -> None:
+    assert aggregator.ingest("d1", update("d1", "same")).status == "accepted"
+    again = aggregator.ingest("d1", update("d1", "same"))
+    assert (again.status, again.reason) == ("rejected", "duplicate")
+    assert aggregator.round.count == 1
+    # a re-send after the round closed is still recognised as a duplicate, not as stale
+    assert aggregator.ingest("d2", update("d2", "other")).status == "accepted"
+    aggregator.close_round()
+    late = aggregator.ingest("d1", update("d1", "same"))
+    assert late.reason == "duplicate"
+
+
+def test_round_applies_weighted_mean_and_survives_restart(tmp_path: Path) -> None:
+    agg = Aggregator(make_config(tmp_path))
+    initial = snapshot(agg)
+    agg.ingest("d1", update("d1", "a", tensors=delta(1.0), num_examples=1))
+    agg.ingest("d2", update("d2", "b", tensors=delta(4.0), num_examples=2))
+    record = agg.close_round()
+    assert record.version == 2 and record.parent == 1
+    assert record.info["updates"] == 2 and record.info["examples"] == 3
+    for name, value in initial.items():
+        np.testing.assert_allclose(agg.model.params[name], value + 3.0, rtol=1e-6)  # (1*1 + 2*4) / 3
+    agg.registry.close()
+
+    resumed = Aggregator(make_config(tmp_path))
+    assert resumed.model.version == 2
+    for name in initial:
+        np.testing.assert_array_equal(resumed.model.params[name], agg.model.params[name])
+    published: ModelMessage = decode_message(resumed.model_payload, max_bytes=1 << 20, expect=ModelMessage)
+    assert published.version == 2 and published.parent == 1
+
+
+def test_restart_with_another_architecture_is_refused(tmp_path: Path) -> None:
+    Aggregator(make_config(tmp_path)).registry.close()
+    with pytest.raises(ConfigError, match="state_dir"):
+        Aggregator(make_config(tmp_path, arch=MLPArchitecture(4, (5,), 2)))
+
+
+def test_initial_model_is_seeded(tmp_path: Path) -> None:
+    a = Aggregator(make_config(tmp_path / "a"))
+    b = Aggregator(make_config(tmp_path / "b"))
+    c = Aggregator(make_config(tmp_path / "c", seed=8))
+    for name in a.model.params:
+        np.testing.assert_array_equal(a.model.params[name], b.model.params[name])
+    assert any(not np.array_equal(a.model.params[k], c.model.params[k]) for k in a.model.params)
+
+
+def test_status_reports_counters(aggregator: Aggregator) -> None:
+    aggregator.ingest("d1", b"junk")
+    aggregator.ingest("d1", update())
+    status = aggregator.status()
+    assert status.counters["accepted"] == 1
+    assert status.counters["rejected_malformed"] == 1
+    assert status.counters["round_updates"] == 1
+    assert status.model_version == 1

@@ -1,0 +1,82 @@
+"""``fedmq demo``: the main job reaches its accuracy with defaults on both local brokers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fedmq.broker.settings import BrokerSettings
+
+from fedmq.demo import DemoOptions, dirichlet_partition, load_digits_split, run_demo
+
+pytestmark = pytest.mark.broker
+
+
+def test_dirichlet_partition_is_a_skewed_partition() -> None:
+    _, y, _, _ = load_digits_split(seed=0, test_fraction=0.2)
+    shards = dirichlet_partition(y, 10, alpha=0.5, seed=0)
+    together = np.concatenate(shards)
+    assert sorted(together.tolist()) == list(range(len(y))), "every example in exactly one shard"
+    assert min(len(s) for s in shards) >= 10
+    # label skew: some shard's most common label covers far more than the uniform 10 %
+    top_share = max(np.bincount(y[s], minlength=10).max() / len(s) for s in shards)
+    assert top_share > 0.3
+    iid = dirichlet_partition(y, 10, alpha=1000.0, seed=0)
+    assert max(np.bincount(y[s], minlength=10).max() / len(s) for s in iid) < 0.2
+
+
+def test_digits_split_is_stratified_and_disjoint() -> None:
+    x_train, y_train, x_test, y_test = load_digits_split(seed=0, test_fraction=0.2)
+    assert len(y_train) + len(y_test) == 1797
+    assert 0.19 < len(y_test) / 1797 < 0.21
+    assert set(np.unique(y_test)) == set(range(10))
+    assert x_train.max() <= 1.0 and x_train.min() >= 0.0
+    train_rows = {row.tobytes() for row in x_train}
+    assert sum(row.tobytes() in train_rows for row in x_test) < len(y_test) * 0.05  # digits has a few duplicates
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+@pytest.mark.parametrize("broker", ["mosquitto", "amqtt"])
+async def test_demo_defaults_reach_095(broker: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    if broker == "mosquitto":
+        request.getfixturevalue("require_mosquitto")  # fail, not fall back, when it is missing
+    lines: list[str] = []
+    rows = await run_demo(DemoOptions(prefer_broker=broker, report=tmp_path / "r.json"), say=lines.append)
+    assert f"broker: {broker}" in lines[0]
+    assert [r.version for r in rows] == list(range(1, 22))
+    assert rows[-1].accuracy >= 0.95, rows[-1]
+    assert rows[0].accuracy < 0.3, "the initial model is untrained"
+    assert all(r.updates == 10 for r in rows[1:])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [entry["version"] for entry in report] == list(range(1, 22))
+    assert set(report[0]) == {"version", "accuracy", "loss", "updates", "bytes_up", "bytes_down", "seconds"}
+    assert report[-1]["accuracy"] == pytest.approx(rows[-1].accuracy, abs=1e-4)
+    assert report[1]["bytes_up"] > 0 and report[1]["bytes_down"] > 0
+
+
+def test_demo_cli_against_an_existing_broker(mqtt_broker: BrokerSettings, tmp_path: Path) -> None:
+    report = tmp_path / "run.json"
+    url = f"mqtt://{mqtt_broker.host}:{mqtt_broker.port}"
+    done = subprocess.run(
+        [sys.executable, "-m", "fedmq.cli", "demo", "--agents", "3", "--rounds", "2", "--broker", url,
+         "--report", str(report)], capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert url in done.stdout
+    assert "version accuracy" in done.stdout and "final model v3" in done.stdout
+    rows = json.loads(report.read_text())
+    assert [r["version"] for r in rows] == [1, 2, 3]
+    assert rows[2]["accuracy"] > rows[0]["accuracy"]
+    assert all(r["updates"] == 3 for r in rows[1:])
+
+
+def test_demo_cli_rejects_bad_options() -> None:
+    done = subprocess.run([sys.executable, "-m", "fedmq.cli", "demo", "--agents", "0"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2
+    assert "--agents must be from 1 to 1000" in done.stderr
