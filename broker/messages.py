@@ -27,7 +27,7 @@ MAX_METRICS = 32
 MAX_TEXT = 512
 MAX_EXAMPLES = 2**31 - 1
 MAX_VERSION = 2**53
-_UPDATE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_UPDATE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MODES = ("sync",)
 
 
@@ -229,7 +229,7 @@ class UpdateMessage:
         _check_keys(h, cls.KIND, {"device", "update_id", "base_version", "num_examples", "codec"},
                     {"metrics", "created"})
         update_id = _need(h, "update_id")
-        if not isinstance(update_id, str) or not _UPDATE_ID.match(update_id):
+        if not isinstance(update_id, str) or not _UPDATE_ID.fullmatch(update_id):
             raise RejectedMessage(Reason.FIELD, "update_id must be 1-64 characters from A-Z a-z 0-9 _ . : -")
         codec = _need(h, "codec")
         if not isinstance(codec, str) or len(codec) > 32:

@@ -8,7 +8,7 @@ MQTT 5 features only as extras.
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -35,7 +35,7 @@ class BrokerSettings:
     cert_file: str | None = None
     key_file: str | None = None
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     keepalive: int = 30
     connect_timeout: float = 10.0
 

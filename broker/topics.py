@@ -12,7 +12,7 @@ from .errors import FedmqError
 
 PREFIX = "fedmq/v1"
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 #: Device names with a meaning of their own on the command topics.
 RESERVED_DEVICE_NAMES = frozenset({"all"})
@@ -24,7 +24,7 @@ class TopicError(FedmqError, ValueError):
 
 def check_name(value: str, what: str = "name") -> str:
     """Return ``value`` if it is a valid fleet or device name (1-64 of ``A-Za-z0-9_.-``)."""
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise TopicError(
             f"invalid {what} {value!r}: use 1 to 64 characters from A-Z a-z 0-9 _ . -, "
             "starting with a letter or digit"

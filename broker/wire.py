@@ -69,13 +69,18 @@ def encode_frame(header: Mapping[str, Any], tensors: Mapping[str, np.ndarray] | 
     for name, array in tensors.items():
         array = np.asarray(array)
         wire_dtype = WIRE_DTYPES[dtype_name(array.dtype)]
-        array = np.ascontiguousarray(array, dtype=wire_dtype)
+        # np.require keeps 0-d arrays 0-d (ascontiguousarray would make them 1-d)
+        array = np.require(array, dtype=wire_dtype, requirements="C")
         descriptors.append({"name": name, "dtype": dtype_name(wire_dtype), "shape": list(array.shape)})
-        arrays.append(memoryview(array).cast("B"))
+        arrays.append(memoryview(array.reshape(-1).view(np.uint8)))
     fields["tensors"] = descriptors
     head = msgpack.packb(fields, use_bin_type=True)
     padding = b"\0" * (-len(head) % ALIGNMENT)
     return b"".join([head, padding, *arrays])
+
+
+def _refuse_ext(code: int, data: bytes) -> None:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
 
 
 def _unpacker() -> msgpack.Unpacker:
@@ -90,6 +95,7 @@ def _unpacker() -> msgpack.Unpacker:
         max_array_len=MAX_TENSORS * 2,
         max_map_len=MAX_TENSORS * 2,
         max_ext_len=0,
+        ext_hook=_refuse_ext,  # max_ext_len=0 still lets a zero-length extension through
     )
 
 
