@@ -34,11 +34,11 @@ class AggregatorConfig:
     max_update_bytes: int = DEFAULT_MAX_UPDATE_BYTES
 
     def __post_init__(self) -> None:
-        try:
-            check_name(self.fleet, "fleet")
-            check_name(self.client_id, "client_id")
-        except TopicError as exc:
-            raise ConfigError(str(exc)) from None
+        for key, value in (("fleet", self.fleet), ("client_id", self.client_id)):
+            try:
+                check_name(value, key)
+            except TopicError as exc:
+                raise ConfigError(str(exc), key=key) from None
         if self.task.codec not in CODECS:
             raise ConfigError(f"unknown codec {self.task.codec!r}; known: {sorted(CODECS)}", key="task.codec")
         if self.max_rounds < 0:
@@ -91,8 +91,9 @@ class AggregatorConfig:
             fields.update(overrides)
             return cls(**fields)
         except ConfigError as exc:
-            if exc.source is None and exc.key is not None:
-                raise ConfigError(str(exc).split(": ", 1)[-1], key=exc.key, source=source) from None
+            if exc.source is None:
+                message = str(exc).split(": ", 1)[-1] if exc.key else str(exc)
+                raise ConfigError(message, key=exc.key, source=source) from None
             raise
         except ValueError as exc:
             raise ConfigError(str(exc), source=source) from None

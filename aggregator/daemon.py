@@ -14,12 +14,12 @@ from collections import Counter, OrderedDict
 from typing import Any
 
 import aiomqtt
+
+from fedmq import __version__
 from fedmq.broker import topics
 from fedmq.broker.errors import ConfigError, Reason, RejectedMessage
 from fedmq.broker.messages import AggregatorStatus, ModelMessage, Receipt, decode_message
 from fedmq.broker.session import cancel_tasks, run_connected
-
-from fedmq import __version__
 
 from .config import AggregatorConfig
 from .intake import decode_update

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+
 from fedmq.broker.codecs import get_codec
 from fedmq.broker.errors import Reason, RejectedMessage
 from fedmq.broker.messages import UpdateMessage, decode_message

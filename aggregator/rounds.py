@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from fedmq.broker.errors import Reason, RejectedMessage
 from fedmq.broker.messages import UpdateMessage
 

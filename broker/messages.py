@@ -19,7 +19,7 @@ import numpy as np
 
 from .architecture import MLPArchitecture
 from .errors import Reason, RejectedMessage
-from .topics import TopicError, check_device
+from .topics import TopicError, check_device, check_name
 from .wire import Frame, decode_frame, encode_frame
 
 SCHEMA = 1
@@ -81,6 +81,14 @@ def _device(h: Mapping[str, Any], key: str = "device") -> str:
         raise RejectedMessage(Reason.FIELD, str(exc)) from None
 
 
+def _fleet(h: Mapping[str, Any]) -> str:
+    value = _need(h, "fleet")
+    try:
+        return check_name(value, "fleet")
+    except TopicError as exc:
+        raise RejectedMessage(Reason.FIELD, str(exc)) from None
+
+
 def _metrics(h: Mapping[str, Any], key: str = "metrics") -> dict[str, float]:
     value = h.get(key, {})
     if not isinstance(value, dict) or len(value) > MAX_METRICS:
@@ -126,9 +134,10 @@ class Task:
             raise ValueError(f"task epochs must be an integer from 1 to 1000, got {self.epochs!r}")
         if not (type(self.batch_size) is int and 1 <= self.batch_size <= 65536):
             raise ValueError(f"task batch_size must be an integer from 1 to 65536, got {self.batch_size!r}")
-        if not (math.isfinite(self.lr) and 0 < self.lr <= 100):
+        if not (type(self.lr) in (int, float) and math.isfinite(self.lr) and 0 < self.lr <= 100):
             raise ValueError(f"task lr must be a number in (0, 100], got {self.lr!r}")
-        if not (math.isfinite(self.deadline_s) and 0 < self.deadline_s <= 7 * 86400):
+        if not (type(self.deadline_s) in (int, float) and math.isfinite(self.deadline_s)
+                and 0 < self.deadline_s <= 7 * 86400):
             raise ValueError(f"task deadline_s must be in (0, 604800], got {self.deadline_s!r}")
 
     def to_wire(self) -> dict[str, Any]:
@@ -193,7 +202,7 @@ class ModelMessage:
             if not np.isfinite(t).all():
                 raise RejectedMessage(Reason.NON_FINITE, f"model tensor {name!r} has NaN or infinity")
         return cls(
-            fleet=_text(h, "fleet", max_len=64),
+            fleet=_fleet(h),
             version=version,
             parent=parent,
             arch=arch,
@@ -376,7 +385,7 @@ def decode_message(payload: bytes | bytearray | memoryview, *, max_bytes: int, e
     frame = decode_frame(payload, max_bytes=max_bytes)
     h = frame.header
     schema = h.get("schema")
-    if schema != SCHEMA:
+    if type(schema) is not int or schema != SCHEMA:  # True == 1 and 1.0 == 1 in Python
         raise RejectedMessage(Reason.SCHEMA, f"schema {schema!r} is not supported (this side speaks {SCHEMA})")
     kind = h.get("kind")
     message_type = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None

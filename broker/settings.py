@@ -57,6 +57,8 @@ class BrokerSettings:
             port = parts.port
         except ValueError:
             raise ConfigError(f"broker URL {url!r} has an invalid port", key="broker.url") from None
+        if port == 0:
+            raise ConfigError(f"broker URL {url!r} has port 0; use a port from 1 to 65535", key="broker.url")
         tls = parts.scheme == "mqtts"
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         unknown = set(query) - {"protocol"}
@@ -65,7 +67,7 @@ class BrokerSettings:
                               key="broker.url")
         fields: dict[str, Any] = {
             "host": parts.hostname or "127.0.0.1",
-            "port": port or (8883 if tls else 1883),
+            "port": port if port is not None else (8883 if tls else 1883),
             "tls": tls,
             "username": unquote(parts.username) if parts.username else None,
             "password": unquote(parts.password) if parts.password else None,

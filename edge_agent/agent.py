@@ -19,14 +19,14 @@ from pathlib import Path
 
 import aiomqtt
 import numpy as np
+
+from fedmq import __version__
 from fedmq.broker import topics
 from fedmq.broker.codecs import get_codec
 from fedmq.broker.errors import Reason, RejectedMessage
 from fedmq.broker.files import write_atomic
 from fedmq.broker.messages import DeviceStatus, ModelMessage, Receipt, UpdateMessage, decode_message
 from fedmq.broker.session import cancel_tasks, run_connected
-
-from fedmq import __version__
 
 from . import training
 from .config import AgentConfig

@@ -17,8 +17,8 @@ DEFAULT_MAX_MODEL_BYTES = 64 * 1024 * 1024
 
 
 def default_device_id() -> str:
-    name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in socket.gethostname())[:64]
-    return name if name and name[0].isalnum() else f"device-{name}"[:64]
+    name = "".join(c if (c.isascii() and c.isalnum()) or c in "_.-" else "-" for c in socket.gethostname())[:64]
+    return name if name and name[0].isascii() and name[0].isalnum() else f"device-{name}"[:64]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,11 +34,12 @@ class AgentConfig:
     seed: str | None = None           # shuffling seed for local training; default: the device id
 
     def __post_init__(self) -> None:
-        try:
-            check_device(self.device_id)
-            check_name(self.fleet, "fleet")
-        except TopicError as exc:
-            raise ConfigError(str(exc)) from None
+        for key, check, value in (("device_id", check_device, self.device_id),
+                                  ("fleet", lambda v: check_name(v, "fleet"), self.fleet)):
+            try:
+                check(value)
+            except TopicError as exc:
+                raise ConfigError(str(exc), key=key) from None
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; available: {list(BACKENDS)}", key="backend")
 

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+
 from fedmq.broker.local import MosquittoProcess, mosquitto_binary
 from fedmq.broker.settings import BrokerSettings
 

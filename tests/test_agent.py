@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fedmq.broker.architecture import MLPArchitecture
 from fedmq.broker.errors import RejectedMessage
 from fedmq.broker.messages import ModelMessage, Task, UpdateMessage, decode_message

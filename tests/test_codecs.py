@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from fedmq.broker.architecture import MAX_LAYERS, MAX_WIDTH, MLPArchitecture
 from fedmq.broker.codecs import CODECS, Float32Codec, check_names, get_codec
 from fedmq.broker.errors import Reason, RejectedMessage
@@ -164,9 +165,20 @@ def test_init_params_deterministic_per_seed_and_different_across_seeds() -> None
 @pytest.mark.parametrize(
     ("inputs", "hidden", "classes"),
     [
-        (0, (4,), 2), (-1, (4,), 2), (True, (4,), 2), (2.0, (4,), 2), ("8", (4,), 2), (MAX_WIDTH + 1, (4,), 2),
-        (8, (0,), 2), (8, (4, -2), 2), (8, (True,), 2), (8, (4.0,), 2), (8, (MAX_WIDTH + 1,), 2),
-        (8, (4,), 1), (8, (4,), 0), (8, (4,), MAX_WIDTH + 1),
+        (0, (4,), 2),
+        (-1, (4,), 2),
+        (True, (4,), 2),
+        (2.0, (4,), 2),
+        ("8", (4,), 2),
+        (MAX_WIDTH + 1, (4,), 2),
+        (8, (0,), 2),
+        (8, (4, -2), 2),
+        (8, (True,), 2),
+        (8, (4.0,), 2),
+        (8, (MAX_WIDTH + 1,), 2),
+        (8, (4,), 1),
+        (8, (4,), 0),
+        (8, (4,), MAX_WIDTH + 1),
         (8, (4,) * (MAX_LAYERS + 1), 2),
     ],
     ids=str,

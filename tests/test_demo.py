@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedmq.broker.settings import BrokerSettings
 
+from fedmq.broker.settings import BrokerSettings
 from fedmq.demo import DemoOptions, dirichlet_partition, load_digits_split, run_demo
 
 pytestmark = pytest.mark.broker

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fedmq.aggregator.config import AggregatorConfig
 from fedmq.aggregator.daemon import Aggregator
 from fedmq.aggregator.registry import ModelRegistry
@@ -21,11 +22,10 @@ from fedmq.broker import topics
 from fedmq.broker.architecture import MLPArchitecture
 from fedmq.broker.messages import AggregatorStatus, DeviceStatus, ModelMessage, Task, decode_message
 from fedmq.broker.settings import BrokerSettings
+from fedmq.demo import dirichlet_partition, load_digits_split
 from fedmq.edge_agent.agent import Agent
 from fedmq.edge_agent.config import AgentConfig
 from fedmq.edge_agent.training import evaluate
-
-from fedmq.demo import dirichlet_partition, load_digits_split
 
 pytestmark = pytest.mark.broker
 WAIT = 10.0

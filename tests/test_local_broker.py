@@ -12,6 +12,7 @@ from pathlib import Path
 import aiomqtt
 import paho.mqtt.client as paho
 import pytest
+
 from fedmq.broker import local
 from fedmq.broker.local import (
     BrokerStartError,

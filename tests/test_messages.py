@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 import pytest
+
 from fedmq.broker.architecture import MLPArchitecture
 from fedmq.broker.errors import Reason, RejectedMessage
 from fedmq.broker.messages import (
@@ -31,9 +32,7 @@ def frame(header: dict, tensors: dict[str, np.ndarray] | None = None) -> bytes:
     header = dict(header)
     body = b""
     if tensors:
-        header["tensors"] = [
-            {"name": name, "dtype": str(a.dtype), "shape": list(a.shape)} for name, a in tensors.items()
-        ]
+        header["tensors"] = [{"name": name, "dtype": str(a.dtype), "shape": list(a.shape)} for name, a in tensors.items()]
         body = b"".join(np.ascontiguousarray(a, a.dtype.newbyteorder("<")).tobytes() for a in tensors.values())
     head = msgpack.packb(header, use_bin_type=True)
     return head + b"\0" * (-len(head) % 8) + body if tensors else head
@@ -60,18 +59,46 @@ def task_wire(**changes) -> dict:
 
 
 def model_header(**changes) -> dict:
-    return {"kind": "model", "schema": 1, "fleet": "f1", "version": 4, "parent": 3, "created": 1_700_000_000.5,
-            "arch": {"type": "mlp", "inputs": 3, "hidden": [2], "classes": 2}, "task": task_wire(), **changes}
+    return {
+        "kind": "model",
+        "schema": 1,
+        "fleet": "f1",
+        "version": 4,
+        "parent": 3,
+        "created": 1_700_000_000.5,
+        "arch": {"type": "mlp", "inputs": 3, "hidden": [2], "classes": 2},
+        "task": task_wire(),
+        **changes,
+    }
 
 
 def update_header(**changes) -> dict:
-    return {"kind": "update", "schema": 1, "device": "dev-1", "update_id": "r4:dev-1.0_a", "base_version": 4,
-            "num_examples": 10, "codec": "fp32", "metrics": {"loss": 0.5, "n": 3}, "created": 12.5, **changes}
+    return {
+        "kind": "update",
+        "schema": 1,
+        "device": "dev-1",
+        "update_id": "r4:dev-1.0_a",
+        "base_version": 4,
+        "num_examples": 10,
+        "codec": "fp32",
+        "metrics": {"loss": 0.5, "n": 3},
+        "created": 12.5,
+        **changes,
+    }
 
 
 def receipt_header(**changes) -> dict:
-    return {"kind": "receipt", "schema": 1, "device": "dev-1", "update_id": "u1", "status": "rejected",
-            "model_version": 4, "reason": "stale", "detail": "too old", **changes}
+    return {
+        "kind": "receipt",
+        "schema": 1,
+        "device": "dev-1",
+        "update_id": "u1",
+        "status": "rejected",
+        "model_version": 4,
+        "reason": "stale",
+        "detail": "too old",
+        **changes,
+    }
 
 
 def status_header(**changes) -> dict:
@@ -116,12 +143,26 @@ def test_model_from_hand_built_frame() -> None:
 
 def test_update_round_trip() -> None:
     tensors = {"dense0.weight": np.arange(6, dtype=np.float32).reshape(3, 2), "dense0.bias": np.array([1, -1], np.float32)}
-    msg = UpdateMessage(device="dev-1", update_id="u:1", base_version=9, num_examples=42, codec="fp32",
-                        tensors=tensors, metrics={"loss": 0.25, "acc": 1.0}, created=99.0)
+    msg = UpdateMessage(
+        device="dev-1",
+        update_id="u:1",
+        base_version=9,
+        num_examples=42,
+        codec="fp32",
+        tensors=tensors,
+        metrics={"loss": 0.25, "acc": 1.0},
+        created=99.0,
+    )
     out = decode_message(msg.encode(), max_bytes=BIG, expect=UpdateMessage)
     assert isinstance(out, UpdateMessage)
     assert (out.device, out.update_id, out.base_version, out.num_examples, out.codec, out.created) == (
-        "dev-1", "u:1", 9, 42, "fp32", 99.0)
+        "dev-1",
+        "u:1",
+        9,
+        42,
+        "fp32",
+        99.0,
+    )
     assert dict(out.metrics) == {"loss": 0.25, "acc": 1.0}
     assert list(out.tensors) == ["dense0.weight", "dense0.bias"]
     np.testing.assert_array_equal(out.tensors["dense0.weight"], tensors["dense0.weight"])
@@ -162,11 +203,21 @@ def test_receipt_detail_is_cut_to_max_text_when_encoded() -> None:
 
 
 def test_device_status_round_trip() -> None:
-    status = DeviceStatus("dev-1", "online", model_version=3, software="fedmq 0.1", platform="linux-aarch64",
-                          backend="numpy", since=100.5, detail="ok", counters={"updates": 4, "rejected": 1.5})
+    status = DeviceStatus(
+        "dev-1",
+        "online",
+        model_version=3,
+        software="fedmq 0.1",
+        platform="linux-aarch64",
+        backend="numpy",
+        since=100.5,
+        detail="ok",
+        counters={"updates": 4, "rejected": 1.5},
+    )
     out = decode_message(status.encode(), max_bytes=BIG, expect=DeviceStatus)
-    assert out == DeviceStatus("dev-1", "online", 3, "fedmq 0.1", "linux-aarch64", "numpy", 100.5, "ok",
-                               {"updates": 4.0, "rejected": 1.5})
+    assert out == DeviceStatus(
+        "dev-1", "online", 3, "fedmq 0.1", "linux-aarch64", "numpy", 100.5, "ok", {"updates": 4.0, "rejected": 1.5}
+    )
 
 
 def test_device_status_minimal_header_uses_defaults() -> None:
@@ -175,8 +226,7 @@ def test_device_status_minimal_header_uses_defaults() -> None:
 
 
 def test_aggregator_status_round_trip() -> None:
-    status = AggregatorStatus("online", model_version=12, mode="sync", software="fedmq 0.1", since=5.0,
-                              counters={"rounds": 11})
+    status = AggregatorStatus("online", model_version=12, mode="sync", software="fedmq 0.1", since=5.0, counters={"rounds": 11})
     out = decode_message(status.encode(), max_bytes=BIG, expect=AggregatorStatus)
     assert out == AggregatorStatus("online", 12, "sync", "fedmq 0.1", 5.0, {"rounds": 11.0})
 
@@ -186,8 +236,18 @@ def test_aggregator_status_minimal_header_uses_defaults() -> None:
 
 
 def test_boundary_values_are_accepted() -> None:
-    out = decode_message(frame(update_header(base_version=MAX_VERSION, num_examples=2**31 - 1, update_id="a" * 64,
-                                             metrics={f"m{i}": i for i in range(MAX_METRICS)}), DELTA), max_bytes=BIG)
+    out = decode_message(
+        frame(
+            update_header(
+                base_version=MAX_VERSION,
+                num_examples=2**31 - 1,
+                update_id="a" * 64,
+                metrics={f"m{i}": i for i in range(MAX_METRICS)},
+            ),
+            DELTA,
+        ),
+        max_bytes=BIG,
+    )
     assert out.base_version == 2**53 and out.num_examples == 2**31 - 1 and len(out.metrics) == 32
 
 
@@ -312,7 +372,7 @@ MODEL_CASES = [
     (model_header(version=0), model_params(), Reason.FIELD),
     (model_header(version=True), model_params(), Reason.FIELD),
     (model_header(version=MAX_VERSION + 1), model_params(), Reason.FIELD),
-    (model_header(parent=4), model_params(), Reason.FIELD),       # parent must be older than version
+    (model_header(parent=4), model_params(), Reason.FIELD),  # parent must be older than version
     (model_header(parent=-1), model_params(), Reason.FIELD),
     (model_header(parent=False), model_params(), Reason.FIELD),
     (without(model_header(), "created"), model_params(), Reason.FIELD),
@@ -399,10 +459,23 @@ def test_task_defaults() -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"epochs": 0}, {"epochs": 1001}, {"epochs": True}, {"epochs": 2.0},
-        {"batch_size": 0}, {"batch_size": 65537}, {"batch_size": False},
-        {"lr": 0.0}, {"lr": -1.0}, {"lr": 100.01}, {"lr": NAN}, {"lr": INF},
-        {"deadline_s": 0.0}, {"deadline_s": -1.0}, {"deadline_s": 604800.5}, {"deadline_s": NAN}, {"deadline_s": INF},
+        {"epochs": 0},
+        {"epochs": 1001},
+        {"epochs": True},
+        {"epochs": 2.0},
+        {"batch_size": 0},
+        {"batch_size": 65537},
+        {"batch_size": False},
+        {"lr": 0.0},
+        {"lr": -1.0},
+        {"lr": 100.01},
+        {"lr": NAN},
+        {"lr": INF},
+        {"deadline_s": 0.0},
+        {"deadline_s": -1.0},
+        {"deadline_s": 604800.5},
+        {"deadline_s": NAN},
+        {"deadline_s": INF},
         {"mode": "async"},
     ],
     ids=str,
@@ -519,23 +592,26 @@ def test_rejection_detail_names_the_field() -> None:
     assert "'extra'" in rejected(frame(update_header(extra=1), DELTA), Reason.FIELD).detail
 
 
-# -- bugs: kept separate so they stay visible until fixed --------------------------------------------
+# -- regressions -------------------------------------------------------------------------------------
+
+
+def test_update_id_with_trailing_newline_is_refused() -> None:
+    """Regression: a pattern ending with ``$`` matches before a trailing newline, so ``"u1\\n"`` passed."""
+    rejected(frame(update_header(update_id="u1\n"), DELTA), Reason.FIELD)
+
+
+# -- regressions: bugs these tests found, now fixed ------------------------------------------------
 
 
 @pytest.mark.parametrize("schema", [True, 1.0], ids=["bool", "float"])
-def test_bug_schema_true_or_1_0_is_taken_for_schema_1(schema) -> None:
+def test_regression_schema_true_or_1_0_is_taken_for_schema_1(schema) -> None:
     """``decode_message`` checks ``schema != SCHEMA``; ``True == 1`` and ``1.0 == 1`` in Python, so a
     header with ``schema: true`` or ``schema: 1.0`` is accepted as schema 1 (bools are not ints)."""
     rejected(frame(status_header(schema=schema)), Reason.SCHEMA)
 
 
-def test_bug_update_id_with_trailing_newline_is_accepted() -> None:
-    """``_UPDATE_ID`` ends with ``$``, which matches before a trailing newline: ``"u1\\n"`` passes."""
-    rejected(frame(update_header(update_id="u1\n"), DELTA), Reason.FIELD)
-
-
 @pytest.mark.parametrize("fleet", ["", "a/b", "+", "#", "bad fleet"])
-def test_bug_model_fleet_is_not_checked_as_a_fleet_name(fleet: str) -> None:
+def test_regression_model_fleet_is_not_checked_as_a_fleet_name(fleet: str) -> None:
     """``ModelMessage.from_frame`` reads ``fleet`` with ``_text(max_len=64)`` only, so an empty fleet or
     one with topic characters (``/``, ``+``, ``#``, space) is accepted, unlike every device field,
     which goes through ``check_device``."""
@@ -543,7 +619,7 @@ def test_bug_model_fleet_is_not_checked_as_a_fleet_name(fleet: str) -> None:
 
 
 @pytest.mark.parametrize("kwargs", [{"lr": True}, {"deadline_s": True}], ids=str)
-def test_bug_task_constructor_accepts_bool_numbers(kwargs: dict) -> None:
+def test_regression_task_constructor_accepts_bool_numbers(kwargs: dict) -> None:
     """``Task.__post_init__`` checks ``epochs`` and ``batch_size`` with ``type(...) is int`` but ``lr`` and
     ``deadline_s`` only with ``math.isfinite`` and a range, so ``True`` passes as 1.0."""
     with pytest.raises(ValueError):

@@ -24,6 +24,7 @@ import msgpack
 import numpy as np
 import paho.mqtt.client as paho
 import pytest
+
 from fedmq.broker.settings import BrokerSettings
 
 pytestmark = pytest.mark.broker

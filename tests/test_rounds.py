@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from fedmq.aggregator.rounds import RoundPolicy, SyncRound
 from fedmq.broker.errors import Reason, RejectedMessage
 from fedmq.broker.messages import UpdateMessage

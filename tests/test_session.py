@@ -8,6 +8,7 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
+
 from fedmq.broker.local import EmbeddedBroker, MosquittoProcess
 from fedmq.broker.session import Backoff, cancel_tasks, run_connected, sleep_or_stop
 from fedmq.broker.settings import BrokerSettings

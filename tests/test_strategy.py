@@ -6,6 +6,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+
 from fedmq.aggregator.strategy import ServerSGD, WeightedMean
 
 SHAPES = {"w": (2, 2), "b": (2,)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from fedmq.broker.architecture import MLPArchitecture
 from fedmq.edge_agent import training
 

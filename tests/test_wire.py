@@ -9,6 +9,7 @@ import tracemalloc
 import msgpack
 import numpy as np
 import pytest
+
 from fedmq.broker.errors import Reason, RejectedMessage
 from fedmq.broker.wire import (
     ALIGNMENT,
@@ -166,17 +167,25 @@ def test_encode_refuses_dtypes_the_wire_cannot_carry(dtype) -> None:
 
 @pytest.mark.parametrize(
     ("dtype", "name"),
-    [("<f4", "float32"), (">f4", "float32"), ("f2", "float16"), (">f8", "float64"), ("i1", "int8"),
-     ("u1", "uint8"), (">i2", "int16"), ("i4", "int32"), (">u4", "uint32"), ("i8", "int64")],
+    [
+        ("<f4", "float32"),
+        (">f4", "float32"),
+        ("f2", "float16"),
+        (">f8", "float64"),
+        ("i1", "int8"),
+        ("u1", "uint8"),
+        (">i2", "int16"),
+        ("i4", "int32"),
+        (">u4", "uint32"),
+        ("i8", "int64"),
+    ],
 )
 def test_dtype_name(dtype: str, name: str) -> None:
     assert dtype_name(np.dtype(dtype)) == name
 
 
 def test_wire_dtypes_are_the_documented_nine() -> None:
-    assert sorted(WIRE_DTYPES) == sorted(
-        ["float32", "float16", "float64", "int8", "uint8", "int16", "int32", "uint32", "int64"]
-    )
+    assert sorted(WIRE_DTYPES) == sorted(["float32", "float16", "float64", "int8", "uint8", "int16", "int32", "uint32", "int64"])
 
 
 # -- round trips -------------------------------------------------------------------------------------
@@ -295,17 +304,17 @@ def test_non_zero_padding() -> None:
 @pytest.mark.parametrize(
     "descriptors",
     [
-        {"w": desc("w", "uint8", [1])},              # not a list
+        {"w": desc("w", "uint8", [1])},  # not a list
         "w",
-        [["w", "uint8", [1]]],                       # descriptor not a map
-        [{"name": "w", "dtype": "uint8"}],           # missing shape
-        [{"name": "w", "shape": [1]}],               # missing dtype
-        [{"dtype": "uint8", "shape": [1]}],          # missing name
+        [["w", "uint8", [1]]],  # descriptor not a map
+        [{"name": "w", "dtype": "uint8"}],  # missing shape
+        [{"name": "w", "shape": [1]}],  # missing dtype
+        [{"dtype": "uint8", "shape": [1]}],  # missing name
         [{**desc("w", "uint8", [1]), "offset": 0}],  # extra key
-        [desc(5, "uint8", [1])],                     # non-string name
+        [desc(5, "uint8", [1])],  # non-string name
         [desc(b"w", "uint8", [1])],
-        [desc("", "uint8", [1])],                    # empty name
-        [desc("n" * 129, "uint8", [1])],             # name too long
+        [desc("", "uint8", [1])],  # empty name
+        [desc("n" * 129, "uint8", [1])],  # name too long
     ],
 )
 def test_bad_descriptor_is_malformed(descriptors) -> None:
@@ -386,13 +395,12 @@ def test_rejected_message_is_a_value_error_with_reason_and_detail() -> None:
     assert str(error) == f"malformed: {error.detail}"
 
 
-# -- bugs: kept separate so they stay visible until fixed --------------------------------------------
+# -- regressions -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", sorted(WIRE_DTYPES))
-def test_bug_zero_d_scalar_round_trip_changes_shape(dtype: str) -> None:
-    """``encode_frame`` uses ``np.ascontiguousarray``, which returns at least 1-d: a 0-d tensor is sent
-    with shape ``[1]`` and comes back as shape ``(1,)``."""
+def test_zero_d_scalar_round_trip_keeps_shape(dtype: str) -> None:
+    """Regression: ``np.ascontiguousarray`` returns at least 1-d, so a 0-d tensor came back as ``(1,)``."""
     scalar = np.array(3, dtype=dtype)
     frame = decode_frame(encode_frame({}, {"s": scalar}), max_bytes=BIG)
     assert frame.tensors["s"].shape == ()
@@ -400,18 +408,17 @@ def test_bug_zero_d_scalar_round_trip_changes_shape(dtype: str) -> None:
 
 
 @pytest.mark.parametrize("shape", [(2, 0, 3), (0, 0), (3, 0)], ids=str)
-def test_bug_empty_multidim_tensor_cannot_be_encoded(shape: tuple[int, ...]) -> None:
-    """``memoryview(array).cast("B")`` raises ``TypeError: cannot cast view with zeros in shape or
-    strides`` for a tensor of 2 or more dimensions with a 0 among them (shape ``(0,)`` works),
-    although the decoder accepts such tensors."""
+def test_empty_multidim_tensor_round_trip(shape: tuple[int, ...]) -> None:
+    """Regression: ``memoryview(array).cast("B")`` raised ``TypeError: cannot cast view with zeros in
+    shape or strides`` for a tensor of 2 or more dimensions with a 0 among them."""
     array = np.zeros(shape, dtype=np.float32)
     frame = decode_frame(encode_frame({}, {"e": array, "w": np.ones(2, np.float32)}), max_bytes=BIG)
     assert frame.tensors["e"].shape == shape
     assert frame.tensors["w"].tolist() == [1.0, 1.0]
 
 
-def test_bug_zero_length_ext_type_passes_the_decoder() -> None:
-    """``max_ext_len=0`` refuses ext types with data but lets a zero-length ext (``c7 00 01``) through:
-    it reaches the header as ``msgpack.ExtType(1, b'')`` instead of being refused as malformed."""
+def test_zero_length_ext_type_is_malformed() -> None:
+    """Regression: ``max_ext_len=0`` refuses ext types with data but lets a zero-length ext
+    (``c7 00 01``) through as ``msgpack.ExtType(1, b'')``."""
     payload = msgpack.packb({"kind": "status", "x": msgpack.ExtType(1, b"")})
     rejected(payload, Reason.MALFORMED)
