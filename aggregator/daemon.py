@@ -22,7 +22,7 @@ from fedmq.broker.messages import AggregatorStatus, ModelMessage, Receipt, decod
 from fedmq.broker.session import cancel_tasks, run_connected
 
 from .config import AggregatorConfig
-from .intake import decode_update
+from .intake import check_update, decode_update
 from .registry import ModelRegistry, VersionRecord
 from .rounds import SyncRound
 from .strategy import ServerSGD
@@ -176,11 +176,9 @@ class Aggregator:
         """Check one update from ``device`` and fold it into the open round; return its receipt."""
         update_id = ""
         try:
-            update, delta = decode_update(
-                payload, topic_device=device, shapes=self._shapes, codec=self.config.task.codec,
-                max_bytes=self.config.max_update_bytes,
-            )
-            update_id = update.update_id
+            update = decode_update(payload, max_bytes=self.config.max_update_bytes)
+            update_id = update.update_id  # from here on, receipts name the update they answer
+            delta = check_update(update, topic_device=device, shapes=self._shapes, codec=self.config.task.codec)
             key = (device, update.update_id)
             if key in self._seen:
                 raise RejectedMessage(Reason.DUPLICATE, f"update {update.update_id} was already accepted")

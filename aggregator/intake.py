@@ -11,14 +11,18 @@ from fedmq.broker.errors import Reason, RejectedMessage
 from fedmq.broker.messages import UpdateMessage, decode_message
 
 
-def decode_update(payload: bytes, *, topic_device: str, shapes: Mapping[str, tuple[int, ...]], codec: str,
-                  max_bytes: int) -> tuple[UpdateMessage, dict[str, np.ndarray]]:
-    """Decode and validate an update received on ``topic_device``'s update topic.
+def decode_update(payload: bytes, *, max_bytes: int) -> UpdateMessage:
+    """Decode an update's frame and fields (no model state needed)."""
+    return decode_message(payload, max_bytes=max_bytes, expect=UpdateMessage)
 
-    Returns the message and its delta as float32 arrays of the model's shapes (views into the
-    payload where the codec allows). Version and duplicate checks are the round's business.
+
+def check_update(update: UpdateMessage, *, topic_device: str, shapes: Mapping[str, tuple[int, ...]],
+                 codec: str) -> dict[str, np.ndarray]:
+    """Check a decoded update received on ``topic_device``'s update topic against the model.
+
+    Returns its delta as float32 arrays of the model's shapes (views into the payload where the
+    codec allows). Version and duplicate checks are the round's business.
     """
-    update: UpdateMessage = decode_message(payload, max_bytes=max_bytes, expect=UpdateMessage)
     if update.device != topic_device:
         raise RejectedMessage(Reason.DEVICE_MISMATCH, f"payload names device {update.device!r} but was published on {topic_device!r}'s topic")
     if update.codec != codec:
@@ -29,4 +33,4 @@ def decode_update(payload: bytes, *, topic_device: str, shapes: Mapping[str, tup
         # one BLAS pass; only an overflowing or non-finite sum needs the exact (slower) check
         if not np.isfinite(np.dot(flat, flat)) and not np.isfinite(flat).all():
             raise RejectedMessage(Reason.NON_FINITE, f"tensor {name!r} contains NaN or infinity")
-    return update, delta
+    return delta

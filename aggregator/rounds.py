@@ -68,7 +68,7 @@ class SyncRound:
         if update.base_version > self.version:
             raise RejectedMessage(Reason.FUTURE, f"computed from version {update.base_version}, which was never published (current {self.version})")
         if update.device in self._devices:
-            raise RejectedMessage(Reason.DUPLICATE, f"device {update.device} already contributed to the round for version {self.version}")
+            raise RejectedMessage(Reason.REPEAT, f"device {update.device} already contributed to the round for version {self.version}")
 
     def add(self, update: UpdateMessage, delta: Mapping[str, np.ndarray], payload_bytes: int) -> None:
         """Fold a checked update (call :meth:`check` first)."""

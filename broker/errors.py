@@ -46,6 +46,7 @@ class Reason(StrEnum):
     STALE = "stale"                      # computed from a model version the aggregator no longer takes
     FUTURE = "future"                    # computed from a version the aggregator has not published
     DUPLICATE = "duplicate"              # this (device, update id) was already accepted
+    REPEAT = "repeat"                    # the device already has an accepted update in this sync round
     VERSION = "version"                  # a model that is not newer than the installed one
     INTERNAL = "internal"                # the receiver failed on a valid-looking message (a bug: see its log)
 

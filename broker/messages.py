@@ -19,7 +19,7 @@ import numpy as np
 
 from .architecture import MLPArchitecture
 from .errors import Reason, RejectedMessage
-from .topics import TopicError, check_device, check_name
+from .topics import TopicError, check_device, check_name, check_sha256
 from .wire import Frame, decode_frame, encode_frame
 
 SCHEMA = 1
@@ -164,6 +164,34 @@ class Task:
             raise RejectedMessage(Reason.FIELD, str(exc)) from None
 
 
+MAX_ARTIFACT_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class BackboneRef:
+    """A frozen ONNX feature extractor, published once as a retained artifact
+    (:func:`~.topics.artifact_topic`) and named here by its sha256 and length. Devices embed their
+    data with it and train only the MLP head; ``arch.inputs`` is the backbone's output width."""
+
+    sha256: str
+    size: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "size": self.size}
+
+    @classmethod
+    def from_wire(cls, value: Any) -> BackboneRef:
+        if not isinstance(value, dict):
+            raise RejectedMessage(Reason.FIELD, "backbone must be a map of sha256 and size")
+        _check_keys(value, "backbone", {"sha256", "size"})
+        digest = _need(value, "sha256")
+        try:
+            check_sha256(digest)
+        except TopicError as exc:
+            raise RejectedMessage(Reason.FIELD, f"backbone: {exc}") from None
+        return cls(digest, _int(value, "size", 1, MAX_ARTIFACT_BYTES))
+
+
 @dataclass(frozen=True, eq=False, slots=True)
 class ModelMessage:
     """A global model version, published retained on the model topic."""
@@ -176,17 +204,20 @@ class ModelMessage:
     task: Task
     params: Mapping[str, np.ndarray] = field(repr=False)
     created: float = 0.0
+    backbone: BackboneRef | None = None
 
     def encode(self) -> bytes:
         header = {"kind": self.KIND, "schema": SCHEMA, "fleet": self.fleet, "version": self.version,
                   "parent": self.parent, "created": self.created, "arch": self.arch.to_wire(),
                   "task": self.task.to_wire()}
+        if self.backbone is not None:
+            header["backbone"] = self.backbone.to_wire()
         return encode_frame(header, self.params)
 
     @classmethod
     def from_frame(cls, frame: Frame) -> ModelMessage:
         h = frame.header
-        _check_keys(h, cls.KIND, {"fleet", "version", "parent", "created", "arch", "task"})
+        _check_keys(h, cls.KIND, {"fleet", "version", "parent", "created", "arch", "task"}, {"backbone"})
         version = _int(h, "version", 1, MAX_VERSION)
         parent = _int(h, "parent", 0, version - 1)
         arch = MLPArchitecture.from_wire(_need(h, "arch"))
@@ -209,6 +240,7 @@ class ModelMessage:
             task=Task.from_wire(_need(h, "task")),
             params=frame.tensors,
             created=_float(h, "created", 0.0, 1e11),
+            backbone=BackboneRef.from_wire(h["backbone"]) if "backbone" in h else None,
         )
 
 

@@ -86,20 +86,26 @@ async def run_connected(
     """
     backoff = backoff or Backoff()
     protocol = "3.1.1" if settings.protocol == "3.1.1" else "5"
+    negotiated = settings.protocol != "auto"
     while not stop.is_set():
         try:
             client = settings.client(identifier=identifier, will=will(), persistent_session=persistent_session,
                                      protocol=protocol, max_queued_incoming=max_queued_incoming)  # type: ignore[arg-type]
             async with client:
                 backoff.reset()
+                negotiated = True
                 log.info("connected to %s as %s (MQTT %s)", settings.url, identifier, protocol)
                 await session(client, protocol)
                 return
         except aiomqtt.MqttError as exc:
-            if settings.protocol == "auto" and protocol == "5" and is_protocol_refusal(exc):
-                log.info("broker %s refused MQTT 5 (%s); using MQTT 3.1.1", settings.url, exc)
-                protocol = "3.1.1"
-                continue
+            if not negotiated:
+                if protocol == "5" and is_protocol_refusal(exc):
+                    log.info("broker %s refused MQTT 5 (%s); using MQTT 3.1.1", settings.url, exc)
+                    protocol = "3.1.1"
+                    continue
+                # some 3.1.1-only brokers (amqtt) drop an MQTT 5 CONNECT that has a Will without
+                # answering: until one version has worked, alternate between them
+                protocol = "3.1.1" if protocol == "5" else "5"
             on_disconnect(exc)
             delay = backoff.next_delay()
             log.warning("connection to %s lost or refused (%s); retrying in %.1fs", settings.url, exc, delay)

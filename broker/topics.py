@@ -95,6 +95,20 @@ def ops_response_topic(fleet: str, client: str) -> str:
     return f"{fleet_prefix(fleet)}/ops/response/{check_name(client, 'ops client id')}"
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_sha256(digest: str) -> str:
+    if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+        raise TopicError(f"invalid sha256 {digest!r}: 64 lower-case hex digits")
+    return digest
+
+
+def artifact_topic(fleet: str, sha256: str) -> str:
+    """Retained content-addressed artifact (a frozen ONNX backbone), aggregator -> all."""
+    return f"{fleet_prefix(fleet)}/artifact/{check_sha256(sha256)}"
+
+
 def aggregator_status_topic(fleet: str) -> str:
     """Retained aggregator presence; its offline status is the aggregator's Last Will."""
     return f"{fleet_prefix(fleet)}/aggregator/status"
@@ -103,8 +117,9 @@ def aggregator_status_topic(fleet: str) -> str:
 @dataclass(frozen=True, slots=True)
 class ParsedTopic:
     """A fedmq topic taken apart: ``kind`` is ``model``, ``update``, ``receipt``, ``status``,
-    ``cmd``, ``ops_request``, ``ops_response`` or ``aggregator_status``; ``device`` is the last
-    level where the topic has one (``all`` for the broadcast command topic)."""
+    ``cmd``, ``artifact``, ``ops_request``, ``ops_response`` or ``aggregator_status``; ``device``
+    is the last level where the topic has one (``all`` for the broadcast command topic, the
+    sha256 for an artifact)."""
 
     fleet: str
     kind: str
@@ -131,6 +146,8 @@ def parse_topic(topic: str) -> ParsedTopic:
             return ParsedTopic(fleet, "cmd", "all")
         check_device(device)
         return ParsedTopic(fleet, head, device)
+    if len(rest) == 2 and head == "artifact":
+        return ParsedTopic(fleet, "artifact", check_sha256(rest[1]))
     if len(rest) == 2 and rest == ["aggregator", "status"]:
         return ParsedTopic(fleet, "aggregator_status")
     if len(rest) == 3 and head == "ops" and rest[1] in ("request", "response"):

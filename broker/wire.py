@@ -79,6 +79,13 @@ def encode_frame(header: Mapping[str, Any], tensors: Mapping[str, np.ndarray] | 
     return b"".join([head, padding, *arrays])
 
 
+def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("a map has the same key twice")
+    return result
+
+
 def _refuse_ext(code: int, data: bytes) -> None:
     raise ValueError(f"msgpack extension type {code} is not allowed")
 
@@ -95,7 +102,8 @@ def _unpacker() -> msgpack.Unpacker:
         max_array_len=MAX_TENSORS * 2,
         max_map_len=MAX_TENSORS * 2,
         max_ext_len=0,
-        ext_hook=_refuse_ext,  # max_ext_len=0 still lets a zero-length extension through
+        ext_hook=_refuse_ext,
+        object_pairs_hook=_unique_keys,  # a repeated key must not silently win or lose  # max_ext_len=0 still lets a zero-length extension through
     )
 
 
@@ -127,11 +135,11 @@ def decode_frame(payload: bytes | bytearray | memoryview, *, max_bytes: int) -> 
     if not isinstance(header, dict):
         raise RejectedMessage(Reason.MALFORMED, f"header is a {type(header).__name__}, not a map")
     header_end = unpacker.tell()
-    descriptors = header.pop("tensors", None)
-    if descriptors is None:
+    if "tensors" not in header:
         if header_end != size:
             raise RejectedMessage(Reason.MALFORMED, f"{size - header_end} unexpected bytes after the header")
         return Frame(header, {})
+    descriptors = header.pop("tensors")
     return Frame(header, _tensor_views(payload, descriptors, header_end, size))
 
 

@@ -22,15 +22,16 @@ import numpy as np
 
 from fedmq import __version__
 from fedmq.broker import topics
-from fedmq.broker.codecs import get_codec
+from fedmq.broker.codecs import CODECS, get_codec
 from fedmq.broker.errors import Reason, RejectedMessage
 from fedmq.broker.files import write_atomic
 from fedmq.broker.messages import DeviceStatus, ModelMessage, Receipt, UpdateMessage, decode_message
 from fedmq.broker.session import cancel_tasks, run_connected
 
-from . import training
+from .backends import Backend, BackendError, load_backend
 from .config import AgentConfig
 from .data import DataError, load_npz
+from .export import export_current_model
 from .outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,9 @@ class Agent:
         self.outbox = Outbox(self.state_dir / "outbox")
         self._dataset = dataset
         self.model: ModelMessage | None = None
+        self.backend: Backend = load_backend(config.backend, wasm_module=config.wasm_module)
         self.detail = ""
+        self._status_dirty = asyncio.Event()
         self._model_changed = asyncio.Event()
         self._outbox_changed = asyncio.Event()
         self._client: aiomqtt.Client | None = None
@@ -94,12 +97,16 @@ class Agent:
         model: ModelMessage = decode_message(payload, max_bytes=self.config.max_model_bytes, expect=ModelMessage)
         if model.fleet != self.config.fleet:
             raise RejectedMessage(Reason.FIELD, f"model is for fleet {model.fleet!r}, this device is in {self.config.fleet!r}")
+        if model.task.codec not in CODECS:
+            raise RejectedMessage(Reason.CODEC, f"model v{model.version} asks for codec {model.task.codec!r}, "
+                                  f"which this agent does not have (known: {sorted(CODECS)}); upgrade fedmq")
         if model.version <= self.model_version:
             raise RejectedMessage(Reason.VERSION, f"model v{model.version} is not newer than the installed v{self.model_version}")
         write_atomic(self.state_dir / MODEL_FILE, payload)
         self.model = model
         self.counters["models_installed"] += 1
         self._drop_superseded()
+        export_current_model(self.state_dir, model)
         return model
 
     def _drop_superseded(self) -> None:
@@ -114,7 +121,7 @@ class Agent:
     def status(self, state: str = "online") -> DeviceStatus:
         return DeviceStatus(
             device=self.device, state=state, model_version=self.model_version, software=__version__,  # type: ignore[arg-type]
-            platform=platform_string(), backend=self.config.backend, since=self._since, detail=self.detail,
+            platform=platform_string(), backend=self.backend.name, since=self._since, detail=self.detail,
             counters={k: float(v) for k, v in sorted(self.counters.items())},
         )
 
@@ -129,8 +136,8 @@ class Agent:
         task = model.task
         seed_text = f"{self.config.seed or self.device}/{model.version}"
         seed = int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8], "little")
-        result = training.train(model.params, model.arch, x, y, epochs=task.epochs, batch_size=task.batch_size,
-                                lr=task.lr, seed=seed)
+        result = self.backend.train(model.params, model.arch, x, y, epochs=task.epochs, batch_size=task.batch_size,
+                                    lr=task.lr, seed=seed)
         delta = {name: result.params[name] - model.params[name] for name in model.params}
         update = UpdateMessage(
             device=self.device, update_id=f"v{model.version}-{uuid.uuid4().hex[:12]}", base_version=model.version,
@@ -165,7 +172,8 @@ class Agent:
         sender = asyncio.create_task(self._send_outbox(client), name=f"{self.device}-sender")
         stop_wait = asyncio.create_task(self._stop.wait(), name=f"{self.device}-stop")
         consume = asyncio.create_task(self._consume(client), name=f"{self.device}-consume")
-        tasks = [sender, stop_wait, consume]
+        status = asyncio.create_task(self._publish_status_changes(client), name=f"{self.device}-status")
+        tasks = [sender, stop_wait, consume, status]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -175,6 +183,12 @@ class Agent:
             if task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
         await client.publish(topics.status_topic(fleet, self.device), self.status("offline").encode(), qos=1, retain=True)
+
+    async def _publish_status_changes(self, client: aiomqtt.Client) -> None:
+        while not self._stop.is_set():
+            await self._status_dirty.wait()
+            self._status_dirty.clear()
+            await self.publish_status(client)
 
     async def publish_status(self, client: aiomqtt.Client) -> None:
         payload = self.status().encode()
@@ -188,7 +202,7 @@ class Agent:
             self.counters["bytes_received"] += len(payload)
             if message.topic.matches(model_filter):
                 self._on_model(payload)
-                await self.publish_status(client)
+                self._status_dirty.set()
             else:
                 self._on_receipt(payload)
 
@@ -237,11 +251,16 @@ class Agent:
                 continue
             try:
                 update, payload = await asyncio.to_thread(self.train_once, model)
-            except DataError as exc:
-                self.detail = str(exc)
+            except Exception as exc:  # noqa: BLE001 - the trainer must outlive any one failure
+                # reported on the status topic; the agent keeps serving and waits for the next model
+                self.detail = f"training v{model.version} failed: {exc}"
                 self.counters["training_errors"] += 1
-                log.error("%s: cannot train: %s", self.device, exc)
+                if isinstance(exc, DataError | BackendError | RejectedMessage):
+                    log.error("%s: cannot train v%d: %s", self.device, model.version, exc)
+                else:
+                    log.exception("%s: training v%d failed", self.device, model.version)
                 trained_version = model.version
+                self._status_dirty.set()
                 continue
             trained_version = model.version
             if self.model is not None and self.model.version != model.version:
@@ -252,6 +271,9 @@ class Agent:
                 continue
             self.outbox.put(update, payload)
             self.counters["updates_trained"] += 1
+            if self.detail.startswith("training"):
+                self.detail = ""
+                self._status_dirty.set()
             self._outbox_changed.set()
 
     async def _send_outbox(self, client: aiomqtt.Client) -> None:

@@ -16,7 +16,9 @@ when asked for.
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -26,6 +28,8 @@ from fedmq.broker.errors import FedmqError
 
 from . import training
 from .training import TrainResult
+
+log = logging.getLogger(__name__)
 
 
 class BackendError(FedmqError):
@@ -62,8 +66,22 @@ _REGISTRY: dict[str, tuple[str, str]] = {
 BACKEND_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
-def load_backend(name: str) -> Backend:
-    """Instantiate backend ``name``; :class:`BackendError` names the missing piece and the fix."""
+#: "auto" picks the first of these whose dependencies import (fastest first, see bench/edge_backends.py).
+AUTO_ORDER: tuple[str, ...] = ("numpy",)
+
+
+def load_backend(name: str, *, wasm_module: Path | None = None) -> Backend:
+    """Instantiate backend ``name`` (or the fastest available for ``"auto"``).
+
+    :class:`BackendError` names the missing piece and the fix.
+    """
+    if name == "auto":
+        for candidate in AUTO_ORDER:
+            try:
+                return load_backend(candidate, wasm_module=wasm_module)
+            except BackendError as exc:
+                log.info("backend %s unavailable: %s", candidate, exc)
+        raise BackendError("no training backend is available")
     if name not in _REGISTRY:
         raise BackendError(f"unknown backend {name!r}; known: {list(_REGISTRY)}")
     module_name, class_name = _REGISTRY[name]
@@ -71,4 +89,7 @@ def load_backend(name: str) -> Backend:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise BackendError(f"backend {name!r} needs {exc.name}: pip install 'fedmq[{name}]'") from None
-    return getattr(module, class_name)()
+    backend_class = getattr(module, class_name)
+    if name == "wasm" and wasm_module is not None:
+        return backend_class(module_path=wasm_module)
+    return backend_class()

@@ -12,7 +12,7 @@ from fedmq.broker.errors import ConfigError
 from fedmq.broker.settings import BrokerSettings
 from fedmq.broker.topics import TopicError, check_device, check_name
 
-BACKENDS = ("numpy",)
+BACKENDS = ("auto", "numpy", "onnx", "wasm")
 DEFAULT_MAX_MODEL_BYTES = 64 * 1024 * 1024
 
 
@@ -28,7 +28,8 @@ class AgentConfig:
     data: Path | None = None
     fleet: str = "default"
     broker: BrokerSettings = field(default_factory=BrokerSettings)
-    backend: str = "numpy"
+    backend: str = "auto"             # auto = the fastest backend whose dependencies are installed
+    wasm_module: Path | None = None   # a Wasm kernel other than the shipped one (backend "wasm")
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
     resend_after_s: float = 30.0      # re-publish an update whose receipt has not come after this long
     seed: str | None = None           # shuffling seed for local training; default: the device id
@@ -56,7 +57,8 @@ class AgentConfig:
                 fleet=top.get("fleet", str, "default"),
                 state_dir=Path(top.get("state_dir", str, expect="a directory for the agent's model and outbox")),
                 data=Path(d) if (d := top.get("data", str, None)) else None,
-                backend=top.get("backend", str, "numpy"),
+                backend=top.get("backend", str, "auto"),
+                wasm_module=Path(w) if (w := top.get("wasm_module", str, None)) else None,
                 max_model_bytes=top.get("max_model_bytes", int, DEFAULT_MAX_MODEL_BYTES,
                                         check=lambda v: 1024 <= v <= 1 << 30, expect="1 KiB to 1 GiB"),
                 resend_after_s=top.get("resend_after_s", float, 30.0, check=lambda v: v > 0, expect="positive"),

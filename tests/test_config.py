@@ -521,7 +521,7 @@ def test_aggregator_overrides() -> None:
 def test_agent_defaults() -> None:
     c = AgentConfig.from_mapping({"device_id": "dev-1", "state_dir": "/s"}, source=SOURCE)
     assert (c.device_id, c.state_dir, c.data, c.fleet) == ("dev-1", Path("/s"), None, "default")
-    assert (c.backend, c.max_model_bytes, c.resend_after_s, c.seed) == ("numpy", 64 * 1024 * 1024, 30.0, None)
+    assert (c.backend, c.max_model_bytes, c.resend_after_s, c.seed) == ("auto", 64 * 1024 * 1024, 30.0, None)
     assert c.broker == BrokerSettings()
     assert DEFAULT_MAX_MODEL_BYTES == 64 * 1024 * 1024
 

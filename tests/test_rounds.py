@@ -60,7 +60,7 @@ def test_round_takes_one_update_per_device() -> None:
     msg, delta = update("a")
     with pytest.raises(RejectedMessage) as info:
         rnd.add(msg, delta, payload_bytes=1)
-    assert info.value.reason is Reason.DUPLICATE
+    assert info.value.reason is Reason.REPEAT
     assert rnd.count == 1
 
 

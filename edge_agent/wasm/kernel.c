@@ -1,0 +1,389 @@
+/*
+ * Training and inference kernels of the sequential MLP for the fedmq Wasm backend.
+ *
+ * Freestanding C for wasm32 (no libc, no imports); built by build.py. The maths follows
+ * fedmq.edge_agent.training step for step, in float32: forward (dense + ReLU, last layer linear),
+ * mean softmax cross-entropy, backward with the old weights, then W -= lr * dW, b -= lr * db.
+ *
+ * Memory contract. The host never touches the module's initial memory (stack and static data
+ * live there); it grows the memory and places every buffer above the initial size, at offsets
+ * of its choosing:
+ *
+ *   widths   int32[num_layers + 1]        inputs, hidden..., classes
+ *   params   float32, per layer i: W_i (widths[i] x widths[i+1], row-major) then b_i, packed
+ *   x        float32[n][widths[0]]        y int32[n] (0 <= y < classes), order int32[n]
+ *   scratch  float32, train_scratch_floats() / logits_scratch_floats() below
+ *   out      train_epoch: f64 loss sum at out, int32 correct count at out + 8
+ *
+ * Every export returns 0 on success or a STATUS_* code; the host turns codes into errors.
+ */
+
+#include <stdint.h>
+#include <wasm_simd128.h>
+
+#define EXPORT(name) __attribute__((export_name(name)))
+#define INLINE static inline __attribute__((always_inline))
+
+enum {
+    STATUS_OK = 0,
+    STATUS_BAD_SHAPE = 1,      /* a width, count or batch size is out of range */
+    STATUS_SCRATCH = 2,        /* the scratch buffer is smaller than the kernel needs */
+};
+
+enum { EPI_BIAS, EPI_BIAS_RELU, EPI_MASK, EPI_SGD };
+
+#define MAX_LAYERS 64
+#define LOGITS_TILE 64         /* rows per inference tile: bounds the scratch, keeps it in cache */
+
+/* ---- float32 exp and log, evaluated in double and rounded once ----------------------------
+ * Double precision makes the result the correctly rounded float32 in all but rare ties, so it
+ * agrees with numpy's float32 exp/log to an ulp or two; only a few values per example use them. */
+
+INLINE double pow2i(int n) {               /* 2^n for -1022 <= n <= 1023 */
+    union { uint64_t u; double d; } v;
+    v.u = (uint64_t)(n + 1023) << 52;
+    return v.d;
+}
+
+static float exp_f32(float xf) {
+    double x = xf;
+    if (x != x) return xf;
+    if (x < -110.0) return 0.0f;           /* below the smallest float32 subnormal */
+    if (x > 89.0) return __builtin_inff();
+    double n = __builtin_rint(x * 1.4426950408889634);
+    double r = x - n * 0.6931471805599453;  /* |r| <= 0.35; the error of n*ln2 is < 1e-14 */
+    /* Taylor to degree 11: truncation error below 1e-14 on |r| <= 0.35 */
+    double p = 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    return (float)(p * pow2i((int)n));
+}
+
+static float log_f32(float xf) {
+    double x = xf;
+    if (x != x || x < 0.0) return __builtin_nanf("");
+    if (x == 0.0) return -__builtin_inff();
+    if (x > 3.5e38) return xf;             /* +inf (and FLT_MAX, whose log we never need) */
+    union { uint64_t u; double d; } v = { .d = x };   /* float32 values are normal doubles */
+    int e = (int)((v.u >> 52) & 0x7ff) - 1023;
+    v.u = (v.u & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL;
+    double m = v.d;                          /* x = m * 2^e, 1 <= m < 2 */
+    if (m > 1.4142135623730951) { m *= 0.5; e += 1; }
+    double s = (m - 1.0) / (m + 1.0);        /* |s| <= 0.1716: log m = 2 atanh s */
+    double s2 = s * s;
+    double q = 1.0 / 19.0;
+    q = q * s2 + 1.0 / 17.0;
+    q = q * s2 + 1.0 / 15.0;
+    q = q * s2 + 1.0 / 13.0;
+    q = q * s2 + 1.0 / 11.0;
+    q = q * s2 + 1.0 / 9.0;
+    q = q * s2 + 1.0 / 7.0;
+    q = q * s2 + 1.0 / 5.0;
+    q = q * s2 + 1.0 / 3.0;
+    q = q * s2 + 1.0;
+    return (float)(e * 0.6931471805599453 + 2.0 * s * q);
+}
+
+/* ---- dense products --------------------------------------------------------------------------
+ * C[i][j] <op>= sum_p A(i, p) * B[p][j], i < m, j < n, p < k, with A(i, p) = a[i*ais + p*aps]
+ * (so A may be a transposed view) and B row-major with row stride ldb. The epilogue <op> is:
+ *   EPI_BIAS       C = acc + bias[j]
+ *   EPI_BIAS_RELU  C = max(acc + bias[j], 0)
+ *   EPI_MASK       C = acc * (mask[i][j] > 0)          (mask has C's layout)
+ *   EPI_SGD        C -= lr * acc                       (C is the weight matrix itself)
+ * The accumulator starts at zero and the bias is added after the sum, as numpy's h @ W + b does.
+ * Column panels of 8 are the outer loop so a panel of B stays in L1 while all rows stream by. */
+
+INLINE v128_t epi_vec(int epi, v128_t acc, const float *c, const float *bias, const float *mask, float lr) {
+    switch (epi) {
+    case EPI_BIAS:
+        return wasm_f32x4_add(acc, wasm_v128_load(bias));
+    case EPI_BIAS_RELU:
+        /* pmax(h, 0) = h < 0 ? 0 : h: like np.maximum for every non-NaN and NaN passes through */
+        return wasm_f32x4_pmax(wasm_f32x4_add(acc, wasm_v128_load(bias)), wasm_f32x4_splat(0.0f));
+    case EPI_MASK: {
+        v128_t keep = wasm_f32x4_gt(wasm_v128_load(mask), wasm_f32x4_splat(0.0f));
+        return wasm_f32x4_mul(acc, wasm_v128_and(keep, wasm_f32x4_splat(1.0f)));
+    }
+    default:
+        return wasm_f32x4_sub(wasm_v128_load(c), wasm_f32x4_mul(wasm_f32x4_splat(lr), acc));
+    }
+}
+
+INLINE float epi_scalar(int epi, float acc, const float *c, const float *bias, const float *mask, float lr) {
+    switch (epi) {
+    case EPI_BIAS:
+        return acc + *bias;
+    case EPI_BIAS_RELU: {
+        float h = acc + *bias;
+        return h < 0.0f ? 0.0f : h;
+    }
+    case EPI_MASK:
+        return acc * (*mask > 0.0f ? 1.0f : 0.0f);
+    default:
+        return *c - lr * acc;
+    }
+}
+
+/* R rows (R <= 4) by V vectors of 4 columns (V <= 2), starting at row i0, column j0. */
+INLINE void tile_vec(int epi, int R, int V, int i0, int j0, int k, const float *a, int ais, int aps,
+                     const float *b, int ldb, float *c, int ldc, const float *bias, const float *mask, float lr) {
+    v128_t acc[4][2];
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < V; v++) acc[r][v] = wasm_f32x4_splat(0.0f);
+    const float *ap = a + i0 * ais;
+    const float *bp = b + j0;
+    for (int p = 0; p < k; p++) {
+        v128_t bv[2];
+        for (int v = 0; v < V; v++) bv[v] = wasm_v128_load(bp + 4 * v);
+        for (int r = 0; r < R; r++) {
+            v128_t x = wasm_v128_load32_splat(ap + r * ais);
+            for (int v = 0; v < V; v++) acc[r][v] = wasm_f32x4_add(acc[r][v], wasm_f32x4_mul(x, bv[v]));
+        }
+        ap += aps;
+        bp += ldb;
+    }
+    for (int r = 0; r < R; r++) {
+        for (int v = 0; v < V; v++) {
+            int j = j0 + 4 * v, at = (i0 + r) * ldc + j;
+            wasm_v128_store(c + at, epi_vec(epi, acc[r][v], c + at, bias + j, mask + at, lr));
+        }
+    }
+}
+
+/* R rows by one column. */
+INLINE void tile_col(int epi, int R, int i0, int j, int k, const float *a, int ais, int aps,
+                     const float *b, int ldb, float *c, int ldc, const float *bias, const float *mask, float lr) {
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const float *ap = a + i0 * ais;
+    const float *bp = b + j;
+    for (int p = 0; p < k; p++) {
+        float bj = *bp;
+        for (int r = 0; r < R; r++) acc[r] += ap[r * ais] * bj;
+        ap += aps;
+        bp += ldb;
+    }
+    for (int r = 0; r < R; r++) {
+        int at = (i0 + r) * ldc + j;
+        c[at] = epi_scalar(epi, acc[r], c + at, bias + j, mask + at, lr);
+    }
+}
+
+INLINE void gemm(int epi, int m, int n, int k, const float *a, int ais, int aps, const float *b, int ldb,
+                 float *c, int ldc, const float *bias, const float *mask, float lr) {
+    int m4 = m & ~3;
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        int i = 0;
+        for (; i < m4; i += 4) tile_vec(epi, 4, 2, i, j, k, a, ais, aps, b, ldb, c, ldc, bias, mask, lr);
+        for (; i < m; i++) tile_vec(epi, 1, 2, i, j, k, a, ais, aps, b, ldb, c, ldc, bias, mask, lr);
+    }
+    if (j + 4 <= n) {
+        int i = 0;
+        for (; i < m4; i += 4) tile_vec(epi, 4, 1, i, j, k, a, ais, aps, b, ldb, c, ldc, bias, mask, lr);
+        for (; i < m; i++) tile_vec(epi, 1, 1, i, j, k, a, ais, aps, b, ldb, c, ldc, bias, mask, lr);
+        j += 4;
+    }
+    for (; j < n; j++) {
+        int i = 0;
+        for (; i < m4; i += 4) tile_col(epi, 4, i, j, k, a, ais, aps, b, ldb, c, ldc, bias, mask, lr);
+        for (; i < m; i++) tile_col(epi, 1, i, j, k, a, ais, aps, b, ldb, c, ldc, bias, mask, lr);
+    }
+}
+
+/* One non-inlined instance per epilogue keeps the module small. */
+static __attribute__((noinline)) void gemm_bias(int m, int n, int k, const float *a, const float *w,
+                                                  const float *bias, float *c) {
+    gemm(EPI_BIAS, m, n, k, a, k, 1, w, n, c, n, bias, c, 0.0f);  /* mask unused */
+}
+
+static __attribute__((noinline)) void gemm_bias_relu(int m, int n, int k, const float *a, const float *w,
+                                                       const float *bias, float *c) {
+    gemm(EPI_BIAS_RELU, m, n, k, a, k, 1, w, n, c, n, bias, c, 0.0f);
+}
+
+/* c = (g @ wt) * (mask > 0): g is m x k, wt is k x n */
+static __attribute__((noinline)) void gemm_mask(int m, int n, int k, const float *g, const float *wt,
+                                                  const float *mask, float *c) {
+    gemm(EPI_MASK, m, n, k, g, k, 1, wt, n, c, n, c, mask, 0.0f);  /* bias unused */
+}
+
+/* w -= lr * (act^T @ g): act is rows x fan_in, g is rows x fan_out, w is fan_in x fan_out */
+static __attribute__((noinline)) void gemm_sgd(int fan_in, int fan_out, int rows, const float *act,
+                                                 const float *g, float *w, float lr) {
+    gemm(EPI_SGD, fan_in, fan_out, rows, act, 1, fan_in, g, fan_out, w, fan_out, w, w, lr);  /* bias, mask unused */
+}
+
+/* ---- the model ------------------------------------------------------------------------------ */
+
+static int valid_widths(const int32_t *widths, int num_layers) {
+    if (num_layers < 1 || num_layers > MAX_LAYERS) return 0;
+    for (int i = 0; i <= num_layers; i++)
+        if (widths[i] < 1 || widths[i] > (1 << 16)) return 0;
+    return widths[num_layers] >= 2;
+}
+
+static int max_width(const int32_t *widths, int num_layers) {
+    int w = 0;
+    for (int i = 0; i <= num_layers; i++) w = widths[i] > w ? widths[i] : w;
+    return w;
+}
+
+/* Floats of scratch train_epoch needs: the activations of every layer for one batch, two
+ * gradient buffers and one transposed weight matrix. The host computes the same formula. */
+static uint64_t train_scratch_floats(const int32_t *widths, int num_layers, int batch) {
+    uint64_t acts = 0, wt = 0;
+    for (int i = 0; i <= num_layers; i++) acts += (uint64_t)widths[i];
+    for (int i = 1; i < num_layers; i++) {
+        uint64_t size = (uint64_t)widths[i] * (uint64_t)widths[i + 1];
+        wt = size > wt ? size : wt;
+    }
+    return (uint64_t)batch * acts + 2u * (uint64_t)batch * (uint64_t)max_width(widths, num_layers) + wt;
+}
+
+static uint64_t logits_scratch_floats(const int32_t *widths, int num_layers) {
+    return 2u * LOGITS_TILE * (uint64_t)max_width(widths, num_layers);
+}
+
+static void layer_pointers(const int32_t *widths, int num_layers, float *params, float **w, float **b) {
+    float *p = params;
+    for (int i = 0; i < num_layers; i++) {
+        w[i] = p;
+        p += widths[i] * widths[i + 1];
+        b[i] = p;
+        p += widths[i + 1];
+    }
+}
+
+/* Softmax cross-entropy of one batch of logits z (rows x classes), as training.softmax_cross_entropy:
+ * writes the loss gradient (probs - onehot) / rows into g, returns the float32 sum of the losses
+ * and adds the number of rows whose first arg-max is the label to *correct. */
+static float softmax_xent(const float *z, const int32_t *y, const int32_t *rows_idx, int rows, int classes,
+                          float *g, int32_t *correct) {
+    float loss_sum = 0.0f;
+    float count = (float)rows;
+    for (int r = 0; r < rows; r++) {
+        const float *zr = z + r * classes;
+        float *gr = g + r * classes;
+        int label = y[rows_idx[r]];
+        int best = 0;
+        for (int j = 1; j < classes; j++)
+            if (zr[j] > zr[best]) best = j;
+        float zmax = zr[best];
+        *correct += best == label;
+        float total = 0.0f;
+        for (int j = 0; j < classes; j++) {
+            gr[j] = exp_f32(zr[j] - zmax);
+            total += gr[j];
+        }
+        loss_sum += log_f32(total) - (zr[label] - zmax);
+        for (int j = 0; j < classes; j++) gr[j] = gr[j] / total;
+        gr[label] -= 1.0f;
+        for (int j = 0; j < classes; j++) gr[j] = gr[j] / count;
+    }
+    return loss_sum;
+}
+
+static void transpose(const float *w, int rows, int cols, float *wt) {
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < cols; j++) wt[j * rows + i] = w[i * cols + j];
+}
+
+/* One epoch of minibatch SGD over the examples in `order` (n of them, batches of batch_size, the
+ * last one possibly short), updating params in place. Writes the epoch's loss sum (f64) at out and
+ * the number of correct on-the-fly predictions (int32) at out + 8. */
+EXPORT("train_epoch")
+int32_t train_epoch(const int32_t *widths, int32_t num_layers, float *params, const float *x, const int32_t *y,
+                    const int32_t *order, int32_t n, int32_t batch_size, float lr, float *scratch,
+                    int32_t scratch_floats, uint8_t *out) {
+    if (!valid_widths(widths, num_layers) || n < 0 || batch_size < 1) return STATUS_BAD_SHAPE;
+    if (train_scratch_floats(widths, num_layers, batch_size) > (uint64_t)(uint32_t)scratch_floats)
+        return STATUS_SCRATCH;
+    float *w[MAX_LAYERS], *b[MAX_LAYERS], *act[MAX_LAYERS + 1];
+    layer_pointers(widths, num_layers, params, w, b);
+    int width_max = max_width(widths, num_layers);
+    float *s = scratch;
+    for (int i = 0; i <= num_layers; i++) {
+        act[i] = s;
+        s += batch_size * widths[i];
+    }
+    float *grad = s;
+    float *grad_prev = grad + batch_size * width_max;
+    float *wt = grad_prev + batch_size * width_max;
+
+    int last = num_layers - 1, inputs = widths[0], classes = widths[num_layers];
+    double loss_sum = 0.0;
+    int32_t correct = 0;
+    for (int start = 0; start < n; start += batch_size) {
+        int rows = n - start < batch_size ? n - start : batch_size;
+        const int32_t *idx = order + start;
+        for (int r = 0; r < rows; r++) {
+            const float *src = x + (uint32_t)idx[r] * (uint32_t)inputs;
+            float *dst = act[0] + r * inputs;
+            for (int j = 0; j < inputs; j++) dst[j] = src[j];
+        }
+        for (int i = 0; i < num_layers; i++) {
+            if (i < last)
+                gemm_bias_relu(rows, widths[i + 1], widths[i], act[i], w[i], b[i], act[i + 1]);
+            else
+                gemm_bias(rows, widths[i + 1], widths[i], act[i], w[i], b[i], act[i + 1]);
+        }
+        loss_sum += (double)softmax_xent(act[num_layers], y, idx, rows, classes, grad, &correct);
+
+        for (int i = last; i >= 0; i--) {
+            int fan_in = widths[i], fan_out = widths[i + 1];
+            if (i > 0) {   /* the gradient flowing back uses the weights before this step's update */
+                transpose(w[i], fan_in, fan_out, wt);
+                gemm_mask(rows, fan_in, fan_out, grad, wt, act[i], grad_prev);
+            }
+            gemm_sgd(fan_in, fan_out, rows, act[i], grad, w[i], lr);
+            for (int j = 0; j < fan_out; j++) {
+                float db = 0.0f;
+                for (int r = 0; r < rows; r++) db += grad[r * fan_out + j];
+                b[i][j] -= lr * db;
+            }
+            float *t = grad;
+            grad = grad_prev;
+            grad_prev = t;
+        }
+    }
+    __builtin_memcpy(out, &loss_sum, 8);
+    __builtin_memcpy(out + 8, &correct, 4);
+    return STATUS_OK;
+}
+
+/* Logits of n examples (x is n x inputs) into out (n x classes), LOGITS_TILE rows at a time. */
+EXPORT("logits")
+int32_t logits(const int32_t *widths, int32_t num_layers, float *params, const float *x, int32_t n,
+               float *scratch, int32_t scratch_floats, float *out) {
+    if (!valid_widths(widths, num_layers) || n < 0) return STATUS_BAD_SHAPE;
+    if (logits_scratch_floats(widths, num_layers) > (uint64_t)(uint32_t)scratch_floats) return STATUS_SCRATCH;
+    float *w[MAX_LAYERS], *b[MAX_LAYERS];
+    layer_pointers(widths, num_layers, params, w, b);
+    int tile_floats = LOGITS_TILE * max_width(widths, num_layers);
+    int last = num_layers - 1, inputs = widths[0], classes = widths[num_layers];
+    for (int start = 0; start < n; start += LOGITS_TILE) {
+        int rows = n - start < LOGITS_TILE ? n - start : LOGITS_TILE;
+        const float *h = x + (uint32_t)start * (uint32_t)inputs;
+        float *buf = scratch;
+        for (int i = 0; i < num_layers; i++) {
+            if (i < last) {
+                gemm_bias_relu(rows, widths[i + 1], widths[i], h, w[i], b[i], buf);
+                h = buf;
+                buf = buf == scratch ? scratch + tile_floats : scratch;
+            } else {
+                gemm_bias(rows, classes, widths[i], h, w[i], b[i], out + (uint32_t)start * (uint32_t)classes);
+            }
+        }
+    }
+    return STATUS_OK;
+}
