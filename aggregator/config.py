@@ -27,6 +27,7 @@ class AggregatorConfig:
     client_id: str = "fedmq-aggregator"
     arch: MLPArchitecture = field(default_factory=lambda: MLPArchitecture(64, (64, 32), 10))
     seed: int = 0
+    backbone: Path | None = None        # a frozen ONNX feature extractor; only the MLP head is trained
     task: Task = field(default_factory=Task)
     policy: RoundPolicy = field(default_factory=RoundPolicy)
     server_lr: float = 1.0
@@ -62,6 +63,7 @@ class AggregatorConfig:
                 m.get("inputs", int, 64), tuple(m.get("hidden", list, [64, 32])), m.get("classes", int, 10)
             )
             seed = m.get("seed", int, 0)
+            backbone = Path(b) if (b := m.get("backbone", str, None)) else None
             t = top.section("task")
             task = Task(
                 mode=t.get("mode", str, "sync"),
@@ -84,7 +86,7 @@ class AggregatorConfig:
                                        check=lambda v: 1024 <= v <= 256 * 1024 * 1024, expect="1 KiB to 256 MiB")
             top.finish()
             fields: dict[str, Any] = dict(
-                fleet=fleet, state_dir=state_dir, broker=broker, client_id=client_id, arch=arch, seed=seed,
+                fleet=fleet, state_dir=state_dir, broker=broker, client_id=client_id, arch=arch, seed=seed, backbone=backbone,
                 task=task, policy=policy, server_lr=server_lr, max_rounds=max_rounds,
                 max_update_bytes=max_update_bytes,
             )

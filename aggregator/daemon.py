@@ -8,9 +8,11 @@ A bad update is counted and answered, never fatal.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import Counter, OrderedDict
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -18,12 +20,13 @@ import aiomqtt
 from fedmq import __version__
 from fedmq.broker import topics
 from fedmq.broker.errors import ConfigError, Reason, RejectedMessage
-from fedmq.broker.messages import AggregatorStatus, ModelMessage, Receipt, decode_message
+from fedmq.broker.files import write_atomic
+from fedmq.broker.messages import AggregatorStatus, BackboneRef, ModelMessage, Receipt, decode_message
 from fedmq.broker.session import cancel_tasks, run_connected
 
 from .config import AggregatorConfig
 from .intake import check_update, decode_update
-from .registry import ModelRegistry, VersionRecord
+from .registry import ModelRegistry, RegistryError, VersionRecord
 from .rounds import SyncRound
 from .strategy import ServerSGD
 
@@ -55,9 +58,10 @@ class Aggregator:
     def _load_or_create_model(self) -> tuple[ModelMessage, bytes]:
         record = self.registry.latest()
         if record is None:
+            backbone = self._store_backbone() if self.config.backbone else None
             model = ModelMessage(
                 fleet=self.config.fleet, version=1, parent=0, arch=self.config.arch, task=self.config.task,
-                params=self.config.arch.init_params(self.config.seed), created=time.time(),
+                params=self.config.arch.init_params(self.config.seed), created=time.time(), backbone=backbone,
             )
             payload = model.encode()
             self.registry.add(1, 0, payload, {"initial": True, "seed": self.config.seed})
@@ -75,8 +79,35 @@ class Aggregator:
         if model.task != self.config.task:
             # the task is part of the published model: changing it takes effect from the next version
             log.info("task settings changed; they apply from version %d on", model.version + 1)
+        if model.backbone is not None:
+            self.artifact_payload(model.backbone)  # fail now, not when the first device asks
         log.info("resuming from model v%d in %s", model.version, self.config.state_dir)
         return model, payload
+
+    def _store_backbone(self) -> BackboneRef:
+        """Copy the configured backbone into the state directory (so the registry does not depend
+        on the original file) and return its reference."""
+        assert self.config.backbone is not None
+        try:
+            data = Path(self.config.backbone).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the backbone: {exc}", key="model.backbone") from None
+        ref = BackboneRef(hashlib.sha256(data).hexdigest(), len(data))
+        directory = self.config.state_dir / "artifacts"
+        directory.mkdir(parents=True, exist_ok=True)
+        write_atomic(directory / f"{ref.sha256}.onnx", data)
+        log.info("backbone %s (%d bytes) will be published as artifact %s", self.config.backbone, ref.size, ref.sha256)
+        return ref
+
+    def artifact_payload(self, ref: BackboneRef) -> bytes:
+        path = self.config.state_dir / "artifacts" / f"{ref.sha256}.onnx"
+        try:
+            data = path.read_bytes()
+        except OSError:
+            raise RegistryError(f"backbone artifact {path} of the current model is missing") from None
+        if hashlib.sha256(data).hexdigest() != ref.sha256:
+            raise RegistryError(f"backbone artifact {path} is corrupt (sha256 mismatch)")
+        return data
 
     def _open_round(self) -> SyncRound:
         self._deadline_warned = False
@@ -115,6 +146,10 @@ class Aggregator:
         fleet = self.config.fleet
         assert self._stop is not None
         await client.subscribe(topics.updates_filter(fleet), qos=1)
+        if self.model.backbone is not None:
+            # before the model that names it, so a device never waits for an artifact that is not there
+            await client.publish(topics.artifact_topic(fleet, self.model.backbone.sha256),
+                                 self.artifact_payload(self.model.backbone), qos=1, retain=True)
         await client.publish(topics.model_topic(fleet), self.model_payload, qos=1, retain=True)
         await self._publish_status(client)
         tasks = [
@@ -210,7 +245,8 @@ class Aggregator:
         params = self.optimizer.step(self.model.params, result.mean_delta)
         version = self.model.version + 1
         model = ModelMessage(fleet=self.config.fleet, version=version, parent=self.model.version,
-                             arch=self.config.arch, task=self.config.task, params=params, created=time.time())
+                             arch=self.config.arch, task=self.config.task, params=params, created=time.time(),
+                             backbone=self.model.backbone)
         payload = model.encode()
         info: dict[str, Any] = {
             "updates": result.num_updates, "examples": result.num_examples, "bytes_in": result.bytes_in,

@@ -25,7 +25,7 @@ from fedmq.broker import topics
 from fedmq.broker.codecs import CODECS, get_codec
 from fedmq.broker.errors import Reason, RejectedMessage
 from fedmq.broker.files import write_atomic
-from fedmq.broker.messages import DeviceStatus, ModelMessage, Receipt, UpdateMessage, decode_message
+from fedmq.broker.messages import BackboneRef, DeviceStatus, ModelMessage, Receipt, UpdateMessage, decode_message
 from fedmq.broker.session import cancel_tasks, run_connected
 
 from .backends import Backend, BackendError, load_backend
@@ -58,6 +58,8 @@ class Agent:
         self.backend: Backend = load_backend(config.backend, wasm_module=config.wasm_module)
         self.detail = ""
         self._status_dirty = asyncio.Event()
+        self._artifact_arrived = asyncio.Event()
+        self._embedded: tuple[str, np.ndarray] | None = None  # (backbone sha256, embedded local x)
         self._model_changed = asyncio.Event()
         self._outbox_changed = asyncio.Event()
         self._client: aiomqtt.Client | None = None
@@ -106,8 +108,70 @@ class Agent:
         self.model = model
         self.counters["models_installed"] += 1
         self._drop_superseded()
-        export_current_model(self.state_dir, model)
+        self._export(model)
         return model
+
+    def _export(self, model: ModelMessage) -> None:
+        backbone = None
+        if model.backbone is not None:
+            backbone = self.artifact(model.backbone)
+            if backbone is None:
+                return  # exported once the artifact arrives
+        try:
+            export_current_model(self.state_dir, model, backbone)
+        except Exception as exc:  # noqa: BLE001 - inference export must never block training
+            log.warning("%s: could not export current.onnx for v%d: %s", self.device, model.version, exc)
+
+    # -- backbone artifacts ------------------------------------------------------------------------
+
+    def _artifact_path(self, ref: BackboneRef) -> Path:
+        return self.state_dir / "artifacts" / f"{ref.sha256}.onnx"
+
+    def artifact(self, ref: BackboneRef) -> bytes | None:
+        """The backbone's bytes if this device has them (checked against the reference)."""
+        try:
+            data = self._artifact_path(ref).read_bytes()
+        except FileNotFoundError:
+            return None
+        if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
+            log.warning("%s: stored artifact %s is corrupt; fetching it again", self.device, ref.sha256)
+            self._artifact_path(ref).unlink(missing_ok=True)
+            return None
+        return data
+
+    def store_artifact(self, sha256: str, payload: bytes) -> bool:
+        """Keep an artifact received from the broker if the current model names it and it matches."""
+        ref = self.model.backbone if self.model else None
+        if ref is None or ref.sha256 != sha256:
+            return False
+        if len(payload) != ref.size or hashlib.sha256(payload).hexdigest() != ref.sha256:
+            self.detail = f"artifact {sha256} does not match its reference (size {len(payload)}, expected {ref.size})"
+            self.counters["artifacts_rejected"] += 1
+            log.warning("%s: %s", self.device, self.detail)
+            return False
+        path = self._artifact_path(ref)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, payload)
+        self.counters["artifacts_received"] += 1
+        if self.model is not None:
+            self._export(self.model)
+        self._artifact_arrived.set()
+        return True
+
+    def features(self, model: ModelMessage, x: np.ndarray) -> np.ndarray:
+        """Local data as the MLP sees it: through the model's frozen backbone when it has one."""
+        if model.backbone is None:
+            return x
+        if self._embedded is not None and self._embedded[0] == model.backbone.sha256:
+            return self._embedded[1]
+        backbone = self.artifact(model.backbone)
+        if backbone is None:
+            raise BackendError(f"backbone artifact {model.backbone.sha256} has not arrived")
+        from .onnx_backend import run_backbone  # the backbone runs in onnxruntime whatever the backend
+
+        embedded = run_backbone(backbone, x)
+        self._embedded = (model.backbone.sha256, embedded)
+        return embedded
 
     def _drop_superseded(self) -> None:
         # in sync mode the aggregator only takes updates for its current version: waiting ones are dead
@@ -127,10 +191,11 @@ class Agent:
 
     def train_once(self, model: ModelMessage) -> tuple[UpdateMessage, bytes]:
         """Train on local data from ``model`` and build the update (blocking: run it in a thread)."""
-        x, y = self.dataset()
+        raw_x, y = self.dataset()
+        x = self.features(model, raw_x)
         if x.shape[1] != model.arch.inputs or int(y.max()) >= model.arch.classes:
             raise DataError(
-                f"local data has {x.shape[1]} features and labels up to {int(y.max())}, but model v{model.version} "
+                f"local data{' embedded by the backbone' if model.backbone else ''} has {x.shape[1]} features and labels up to {int(y.max())}, but model v{model.version} "
                 f"takes {model.arch.inputs} inputs and {model.arch.classes} classes"
             )
         task = model.task
@@ -167,6 +232,7 @@ class Agent:
         self._client = client
         await client.subscribe(topics.model_topic(fleet), qos=1)
         await client.subscribe(topics.receipt_topic(fleet, self.device), qos=1)
+        await self._fetch_artifact_if_missing(client)
         await self.publish_status(client)
         self.outbox.reset_schedule()
         sender = asyncio.create_task(self._send_outbox(client), name=f"{self.device}-sender")
@@ -184,6 +250,12 @@ class Agent:
                 raise task.exception()  # type: ignore[misc]
         await client.publish(topics.status_topic(fleet, self.device), self.status("offline").encode(), qos=1, retain=True)
 
+    async def _fetch_artifact_if_missing(self, client: aiomqtt.Client) -> None:
+        ref = self.model.backbone if self.model else None
+        if ref is not None and self.artifact(ref) is None:
+            log.info("%s: fetching backbone artifact %s (%d bytes)", self.device, ref.sha256, ref.size)
+            await client.subscribe(topics.artifact_topic(self.config.fleet, ref.sha256), qos=1)
+
     async def _publish_status_changes(self, client: aiomqtt.Client) -> None:
         while not self._stop.is_set():
             await self._status_dirty.wait()
@@ -197,11 +269,18 @@ class Agent:
     async def _consume(self, client: aiomqtt.Client) -> None:
         fleet = self.config.fleet
         model_filter = topics.model_topic(fleet)
+        artifact_filter = f"{topics.fleet_prefix(fleet)}/artifact/+"
         async for message in client.messages:
             payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
             self.counters["bytes_received"] += len(payload)
             if message.topic.matches(model_filter):
                 self._on_model(payload)
+                self._status_dirty.set()
+                await self._fetch_artifact_if_missing(client)
+            elif message.topic.matches(artifact_filter):
+                sha256 = str(message.topic).rsplit("/", 1)[-1]
+                if self.store_artifact(sha256, payload):
+                    await client.unsubscribe(str(message.topic))  # retained and large: once is enough
                 self._status_dirty.set()
             else:
                 self._on_receipt(payload)
@@ -248,6 +327,11 @@ class Agent:
             self._model_changed.clear()
             model = self.model
             if model is None or model.version <= trained_version:
+                continue
+            if model.backbone is not None and self.artifact(model.backbone) is None:
+                self._artifact_arrived.clear()
+                await self._artifact_arrived.wait()
+                self._model_changed.set()  # look again: a newer model may have come meanwhile
                 continue
             try:
                 update, payload = await asyncio.to_thread(self.train_once, model)

@@ -61,13 +61,14 @@ class NumpyBackend:
 #: name -> (module, class); modules are imported on demand.
 _REGISTRY: dict[str, tuple[str, str]] = {
     "numpy": (__name__, "NumpyBackend"),
+    "onnx": ("fedmq.edge_agent.onnx_backend", "OnnxBackend"),
 }
 
 BACKEND_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
 #: "auto" picks the first of these whose dependencies import (fastest first, see bench/edge_backends.py).
-AUTO_ORDER: tuple[str, ...] = ("numpy",)
+AUTO_ORDER: tuple[str, ...] = ("onnx", "numpy")
 
 
 def load_backend(name: str, *, wasm_module: Path | None = None) -> Backend:

@@ -21,14 +21,19 @@ ONNX_FILE = "current.onnx"
 SIDECAR_FILE = "current.json"
 
 
-def export_current_model(state_dir: Path, model: ModelMessage) -> Path | None:
-    """Write ``current.onnx`` and its JSON sidecar for ``model``; return the model path or None."""
+def export_current_model(state_dir: Path, model: ModelMessage, backbone: bytes | None = None) -> Path | None:
+    """Write ``current.onnx`` (the backbone, if any, composed with the MLP head into one graph)
+    and its JSON sidecar for ``model``; return the model path, or None without onnx installed."""
     try:
-        from .onnx_backend import inference_model
+        import onnx
+
+        from .onnx_backend import compose_with_backbone, inference_model
     except ImportError as exc:
         log.debug("not exporting current.onnx: %s (pip install 'fedmq[onnx]')", exc)
         return None
     onnx_model = inference_model(model.arch, model.params)
+    if backbone is not None:
+        onnx_model = compose_with_backbone(onnx.load_from_string(backbone), onnx_model)
     path = Path(state_dir) / ONNX_FILE
     write_atomic(path, onnx_model.SerializeToString())
     write_atomic(Path(state_dir) / SIDECAR_FILE, (json.dumps(sidecar(model, onnx_model), indent=2) + "\n").encode())
@@ -48,6 +53,7 @@ def sidecar(model: ModelMessage, onnx_model: Any) -> dict[str, Any]:
         "parent": model.parent,
         "fleet": model.fleet,
         "architecture": model.arch.to_wire(),
+        "backbone_sha256": model.backbone.sha256 if model.backbone else None,
         "opset": max(o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx")),
         "inputs": describe(onnx_model.graph.input),
         "outputs": describe(onnx_model.graph.output),

@@ -68,7 +68,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     opts = DemoOptions(
         agents=args.agents, rounds=args.rounds, alpha=args.alpha, seed=args.seed, broker_url=args.broker,
         prefer_broker=args.local_broker, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        report=Path(args.report) if args.report else None, timeout_s=args.timeout,
+        report=Path(args.report) if args.report else None, timeout_s=args.timeout, backend=args.backend,
     )
 
     async def demo(stop: asyncio.Event) -> None:
@@ -99,11 +99,29 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from fedmq.edge_agent.agent import Agent
     from fedmq.edge_agent.config import AgentConfig
 
+    if args.agent_command == "predict":
+        return cmd_agent_predict(args)
     if not args.config:
         raise FedmqError("fedmq agent needs --config FILE (see deploy/agent.example.toml)")
     config = AgentConfig.from_file(args.config)
     agent = Agent(config)
     _run_until_signal(agent.run)
+    return 0
+
+
+def cmd_agent_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from fedmq.edge_agent.predict import load_input, predict
+
+    result = predict(args.state, load_input(args.input))
+    if args.json:
+        print(json.dumps({"version": result.version, "labels": result.labels.tolist(),
+                          "probabilities": result.probabilities.round(6).tolist()}))
+    else:
+        print(f"# model v{result.version}: index label probability", file=sys.stderr)
+        for i, (label, probs) in enumerate(zip(result.labels, result.probabilities, strict=True)):
+            print(f"{i} {label} {probs[label]:.4f}")
     return 0
 
 
@@ -143,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=5, help="local epochs per round (default 5)")
     demo.add_argument("--batch-size", type=int, default=16, help="local minibatch size (default 16)")
     demo.add_argument("--lr", type=float, default=0.2, help="local learning rate (default 0.2)")
+    demo.add_argument("--backend", choices=["auto", "numpy", "onnx", "wasm"], default="auto",
+                      help="the agents' training backend (default auto: the fastest one installed)")
     demo.add_argument("--report", metavar="FILE.json", help="write one JSON object per model version to this file")
     demo.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (default 600)")
     demo.set_defaults(func=cmd_demo)
@@ -155,7 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     agent = sub.add_parser("agent", help="run the edge agent daemon",
                            description="Run an edge agent: receive models, train on local data, publish deltas.")
     agent.add_argument("--config", metavar="FILE", help="agent TOML (see deploy/agent.example.toml)")
-    agent.set_defaults(func=cmd_agent)
+    agent.set_defaults(func=cmd_agent, agent_command=None)
+    agent_sub = agent.add_subparsers(dest="agent_command", metavar="ACTION")
+    predict = agent_sub.add_parser(
+        "predict", help="predict with the device's current model (current.onnx in the state directory)",
+        description="Run the fleet's current model, as exported by the agent to STATE/current.onnx, on the "
+        "examples in INPUT.npy (an N x features float array); print index, label and probability per line.")
+    predict.add_argument("--state", required=True, metavar="DIR", help="the agent's state_dir")
+    predict.add_argument("input", metavar="INPUT.npy", help="examples to predict")
+    predict.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
 
     broker = sub.add_parser("broker", help="local broker for development and tests")
     broker_sub = broker.add_subparsers(dest="broker_command", metavar="ACTION", required=True)

@@ -56,6 +56,7 @@ class DemoOptions:
     report: Path | None = None
     workdir: Path | None = None
     timeout_s: float = 600.0
+    backend: str = "auto"               # the agents' training backend: auto | numpy | onnx | wasm
 
     def __post_init__(self) -> None:
         if not 1 <= self.agents <= 1000:
@@ -174,7 +175,8 @@ async def _run_fleet(opts: DemoOptions, settings: BrokerSettings, arch: MLPArchi
         data_file.parent.mkdir(parents=True, exist_ok=True)
         np.savez(data_file, x=x_train[shard], y=y_train[shard])
         agents.append(Agent(AgentConfig(device_id=device, fleet=fleet, state_dir=data_file.parent, data=data_file,
-                                        broker=settings, seed=f"demo-{opts.seed}-agent{i}")))
+                                        broker=settings, seed=f"demo-{opts.seed}-agent{i}",
+                                        backend=opts.backend)))
 
     rows: list[VersionRow] = []
     final = opts.rounds + 1
@@ -204,6 +206,7 @@ async def _run_fleet(opts: DemoOptions, settings: BrokerSettings, arch: MLPArchi
                     return
 
     started = time.monotonic()
+    say(f"agents train with the {agents[0].backend.name} backend")
     say(HEADER)
     observer_task = asyncio.create_task(observe(), name="observer")
     await asyncio.wait([observer_task, asyncio.create_task(observer_ready.wait())], return_when=asyncio.FIRST_COMPLETED,

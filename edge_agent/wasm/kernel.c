@@ -134,20 +134,73 @@ INLINE float epi_scalar(int epi, float acc, const float *c, const float *bias, c
     }
 }
 
-/* R rows (R <= 4) by V vectors of 4 columns (V <= 2), starting at row i0, column j0. */
+#ifndef MR
+#define MR 4
+#endif
+#ifndef NV
+#define NV 2
+#endif
+#ifdef USE_FMA
+#define MADD(acc, x, y) wasm_f32x4_relaxed_madd(x, y, acc)
+#else
+#define MADD(acc, x, y) wasm_f32x4_add(acc, wasm_f32x4_mul(x, y))
+#endif
+
+#define LANE(v, q) wasm_i32x4_shuffle(v, v, q, q, q, q)
+
+/* R rows (R <= MR) by V vectors of 4 columns (V <= NV), starting at row i0, column j0.
+ * Splatting A one float at a time costs wasmtime four instructions per splat; loading four
+ * floats of A at once and broadcasting lanes costs one shuffle each, and the 4x unrolled loop
+ * amortises the register moves Cranelift inserts at every back edge. */
 INLINE void tile_vec(int epi, int R, int V, int i0, int j0, int k, const float *a, int ais, int aps,
                      const float *b, int ldb, float *c, int ldc, const float *bias, const float *mask, float lr) {
-    v128_t acc[4][2];
+    v128_t acc[MR][NV];
     for (int r = 0; r < R; r++)
         for (int v = 0; v < V; v++) acc[r][v] = wasm_f32x4_splat(0.0f);
     const float *ap = a + i0 * ais;
     const float *bp = b + j0;
-    for (int p = 0; p < k; p++) {
-        v128_t bv[2];
+    int p = 0;
+    if (aps == 1) {                     /* rows of A are contiguous: A(r, p..p+3) in one load */
+        for (; p + 4 <= k; p += 4) {
+            v128_t av[MR];
+            for (int r = 0; r < R; r++) av[r] = wasm_v128_load(ap + r * ais + p);
+#define STEP_ROWS(q)                                                                          \
+            {                                                                                 \
+                v128_t bv[NV];                                                                \
+                for (int v = 0; v < V; v++) bv[v] = wasm_v128_load(bp + (q) * ldb + 4 * v);   \
+                for (int r = 0; r < R; r++) {                                                 \
+                    v128_t x = LANE(av[r], q);                                                \
+                    for (int v = 0; v < V; v++) acc[r][v] = MADD(acc[r][v], x, bv[v]);        \
+                }                                                                             \
+            }
+            STEP_ROWS(0) STEP_ROWS(1) STEP_ROWS(2) STEP_ROWS(3)
+#undef STEP_ROWS
+            bp += 4 * ldb;
+        }
+        ap += p;
+    } else if (ais == 1 && R == 4) {    /* columns of A are contiguous: A(0..3, p) in one load */
+        for (; p + 4 <= k; p += 4) {
+#define STEP_COLS(q)                                                                          \
+            {                                                                                 \
+                v128_t av = wasm_v128_load(ap + (q) * aps);                                   \
+                v128_t xs[4] = {LANE(av, 0), LANE(av, 1), LANE(av, 2), LANE(av, 3)};          \
+                v128_t bv[NV];                                                                \
+                for (int v = 0; v < V; v++) bv[v] = wasm_v128_load(bp + (q) * ldb + 4 * v);   \
+                for (int r = 0; r < 4; r++)                                                   \
+                    for (int v = 0; v < V; v++) acc[r][v] = MADD(acc[r][v], xs[r], bv[v]);    \
+            }
+            STEP_COLS(0) STEP_COLS(1) STEP_COLS(2) STEP_COLS(3)
+#undef STEP_COLS
+            ap += 4 * aps;
+            bp += 4 * ldb;
+        }
+    }
+    for (; p < k; p++) {
+        v128_t bv[NV];
         for (int v = 0; v < V; v++) bv[v] = wasm_v128_load(bp + 4 * v);
         for (int r = 0; r < R; r++) {
             v128_t x = wasm_v128_load32_splat(ap + r * ais);
-            for (int v = 0; v < V; v++) acc[r][v] = wasm_f32x4_add(acc[r][v], wasm_f32x4_mul(x, bv[v]));
+            for (int v = 0; v < V; v++) acc[r][v] = MADD(acc[r][v], x, bv[v]);
         }
         ap += aps;
         bp += ldb;
@@ -163,7 +216,8 @@ INLINE void tile_vec(int epi, int R, int V, int i0, int j0, int k, const float *
 /* R rows by one column. */
 INLINE void tile_col(int epi, int R, int i0, int j, int k, const float *a, int ais, int aps,
                      const float *b, int ldb, float *c, int ldc, const float *bias, const float *mask, float lr) {
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float acc[MR];
+    for (int r = 0; r < R; r++) acc[r] = 0.0f;
     const float *ap = a + i0 * ais;
     const float *bp = b + j;
     for (int p = 0; p < k; p++) {
@@ -178,24 +232,38 @@ INLINE void tile_col(int epi, int R, int i0, int j, int k, const float *a, int a
     }
 }
 
+INLINE void panel(int epi, int V, int j, int m, int k, const float *a, int ais, int aps, const float *b, int ldb,
+                  float *c, int ldc, const float *bias, const float *mask, float lr) {
+    int i = 0;
+    for (; i + MR <= m; i += MR) tile_vec(epi, MR, V, i, j, k, a, ais, aps, b, ldb, c, ldc, bias, mask, lr);
+    for (; i < m; i++) tile_vec(epi, 1, V, i, j, k, a, ais, aps, b, ldb, c, ldc, bias, mask, lr);
+}
+
+#ifdef PACK
+static float pack_buf[4096 * 4 * NV];
+#endif
 INLINE void gemm(int epi, int m, int n, int k, const float *a, int ais, int aps, const float *b, int ldb,
                  float *c, int ldc, const float *bias, const float *mask, float lr) {
-    int m4 = m & ~3;
     int j = 0;
-    for (; j + 8 <= n; j += 8) {
-        int i = 0;
-        for (; i < m4; i += 4) tile_vec(epi, 4, 2, i, j, k, a, ais, aps, b, ldb, c, ldc, bias, mask, lr);
-        for (; i < m; i++) tile_vec(epi, 1, 2, i, j, k, a, ais, aps, b, ldb, c, ldc, bias, mask, lr);
+#ifdef PACK
+    if (m > MR && k <= 4096) {
+        for (; j + 4 * NV <= n; j += 4 * NV) {
+            for (int p = 0; p < k; p++)
+                for (int v = 0; v < NV; v++) wasm_v128_store(pack_buf + p * 4 * NV + 4 * v, wasm_v128_load(b + p * ldb + j + 4 * v));
+            panel(epi, NV, j, m, k, a, ais, aps, pack_buf - j, 4 * NV, c, ldc, bias, mask, lr);
+        }
     }
-    if (j + 4 <= n) {
-        int i = 0;
-        for (; i < m4; i += 4) tile_vec(epi, 4, 1, i, j, k, a, ais, aps, b, ldb, c, ldc, bias, mask, lr);
-        for (; i < m; i++) tile_vec(epi, 1, 1, i, j, k, a, ais, aps, b, ldb, c, ldc, bias, mask, lr);
-        j += 4;
+#endif
+    for (; j + 4 * NV <= n; j += 4 * NV) panel(epi, NV, j, m, k, a, ais, aps, b, ldb, c, ldc, bias, mask, lr);
+    for (int v = NV - 1; v >= 1; v--) {
+        if (j + 4 * v <= n) {
+            panel(epi, v, j, m, k, a, ais, aps, b, ldb, c, ldc, bias, mask, lr);
+            j += 4 * v;
+        }
     }
     for (; j < n; j++) {
         int i = 0;
-        for (; i < m4; i += 4) tile_col(epi, 4, i, j, k, a, ais, aps, b, ldb, c, ldc, bias, mask, lr);
+        for (; i + MR <= m; i += MR) tile_col(epi, MR, i, j, k, a, ais, aps, b, ldb, c, ldc, bias, mask, lr);
         for (; i < m; i++) tile_col(epi, 1, i, j, k, a, ais, aps, b, ldb, c, ldc, bias, mask, lr);
     }
 }
