@@ -67,7 +67,7 @@ async def test_five_agents_three_rounds_accuracy_rises(mqtt_broker: BrokerSettin
                 await asyncio.sleep(0.05)
         online = decode_message(await retained(mqtt_broker, topics.status_topic(fleet, agents[0].device)),
                                 max_bytes=1 << 16, expect=DeviceStatus)
-        assert online.state == "online" and online.model_version == 4 and online.backend == "numpy"
+        assert online.state == "online" and online.model_version == 4 and online.backend == "onnx"  # auto: the fastest installed
         assert online.platform and online.software
     finally:
         stop_agents.set()

@@ -33,6 +33,8 @@ enum {
 enum { EPI_BIAS, EPI_BIAS_RELU, EPI_MASK, EPI_SGD };
 
 #define MAX_LAYERS 64
+#define MAX_WIDTH 65536
+#define MAX_BATCH 65536
 #define LOGITS_TILE 64         /* rows per inference tile: bounds the scratch, keeps it in cache */
 
 /* ---- float32 exp and log, evaluated in double and rounded once ----------------------------
@@ -94,21 +96,32 @@ static float log_f32(float xf) {
 }
 
 /* ---- dense products --------------------------------------------------------------------------
- * C[i][j] <op>= sum_p A(i, p) * B[p][j], i < m, j < n, p < k, with A(i, p) = a[i*ais + p*aps]
- * (so A may be a transposed view) and B row-major with row stride ldb. The epilogue <op> is:
+ * C[i][j] <op>= sum_p A(i, p) * B(p, j) for i < m, j < n, p < k, where A(i, p) = a[i*ais + p*aps]
+ * and B(p, j) = b[p*bps + j*bjs]: either operand may be a transposed view. The epilogue <op> is
  *   EPI_BIAS       C = acc + bias[j]
  *   EPI_BIAS_RELU  C = max(acc + bias[j], 0)
  *   EPI_MASK       C = acc * (mask[i][j] > 0)          (mask has C's layout)
  *   EPI_SGD        C -= lr * acc                       (C is the weight matrix itself)
  * The accumulator starts at zero and the bias is added after the sum, as numpy's h @ W + b does.
- * Column panels of 8 are the outer loop so a panel of B stays in L1 while all rows stream by. */
+ * No fused multiply-add: f32x4 mul then add rounds like numpy's float32 arithmetic, and Cranelift
+ * gave the relaxed-SIMD madd no speed here.
+ *
+ * Blocking: B is copied panel by panel (k x 8 columns) into a contiguous buffer, then 4-row tiles
+ * of C are accumulated in 8 registers while the panel stays in L1. Packing also turns a transposed
+ * B into a plain one (no separate transpose pass) and avoids the cache-set conflicts of walking a
+ * column panel of a matrix whose rows are a power-of-two bytes apart. */
+
+#define MR 4                   /* rows per tile */
+#define NR 8                   /* columns per panel: two f32x4 vectors */
+#define LANE(v, q) wasm_i32x4_shuffle(v, v, q, q, q, q)
+#define MADD(acc, x, y) wasm_f32x4_add(acc, wasm_f32x4_mul(x, y))
 
 INLINE v128_t epi_vec(int epi, v128_t acc, const float *c, const float *bias, const float *mask, float lr) {
     switch (epi) {
     case EPI_BIAS:
         return wasm_f32x4_add(acc, wasm_v128_load(bias));
     case EPI_BIAS_RELU:
-        /* pmax(h, 0) = h < 0 ? 0 : h: like np.maximum for every non-NaN and NaN passes through */
+        /* pmax(h, 0) = h < 0 ? 0 : h, as np.maximum for every non-NaN h; NaN passes through */
         return wasm_f32x4_pmax(wasm_f32x4_add(acc, wasm_v128_load(bias)), wasm_f32x4_splat(0.0f));
     case EPI_MASK: {
         v128_t keep = wasm_f32x4_gt(wasm_v128_load(mask), wasm_f32x4_splat(0.0f));
@@ -134,60 +147,59 @@ INLINE float epi_scalar(int epi, float acc, const float *c, const float *bias, c
     }
 }
 
-#ifndef MR
-#define MR 4
-#endif
-#ifndef NV
-#define NV 2
-#endif
-#ifdef USE_FMA
-#define MADD(acc, x, y) wasm_f32x4_relaxed_madd(x, y, acc)
-#else
-#define MADD(acc, x, y) wasm_f32x4_add(acc, wasm_f32x4_mul(x, y))
-#endif
+/* Copy B(0..k-1, j0..j0+4V-1) into pack, row after row (row stride 4V). */
+INLINE void pack_panel(int V, int k, const float *b, int bps, int bjs, int j0, float *pack) {
+    if (bjs == 1) {
+        for (int p = 0; p < k; p++)
+            for (int v = 0; v < V; v++) wasm_v128_store(pack + p * 4 * V + 4 * v, wasm_v128_load(b + p * bps + j0 + 4 * v));
+    } else {
+        for (int q = 0; q < 4 * V; q++) {
+            const float *src = b + (j0 + q) * bjs;
+            for (int p = 0; p < k; p++) pack[p * 4 * V + q] = src[p * bps];
+        }
+    }
+}
 
-#define LANE(v, q) wasm_i32x4_shuffle(v, v, q, q, q, q)
-
-/* R rows (R <= MR) by V vectors of 4 columns (V <= NV), starting at row i0, column j0.
- * Splatting A one float at a time costs wasmtime four instructions per splat; loading four
- * floats of A at once and broadcasting lanes costs one shuffle each, and the 4x unrolled loop
+/* R rows (R <= MR) by V vectors of columns (V <= 2) of C at (i0, j0), from the packed panel bp.
+ * Splatting A one float at a time costs Cranelift four instructions per splat; loading four floats
+ * of A at once and broadcasting lanes costs one shuffle each, and unrolling four steps of p
  * amortises the register moves Cranelift inserts at every back edge. */
 INLINE void tile_vec(int epi, int R, int V, int i0, int j0, int k, const float *a, int ais, int aps,
-                     const float *b, int ldb, float *c, int ldc, const float *bias, const float *mask, float lr) {
-    v128_t acc[MR][NV];
+                     const float *bp, float *c, int ldc, const float *bias, const float *mask, float lr) {
+    const int ldb = 4 * V;
+    v128_t acc[MR][2];
     for (int r = 0; r < R; r++)
         for (int v = 0; v < V; v++) acc[r][v] = wasm_f32x4_splat(0.0f);
     const float *ap = a + i0 * ais;
-    const float *bp = b + j0;
     int p = 0;
-    if (aps == 1) {                     /* rows of A are contiguous: A(r, p..p+3) in one load */
+    if (aps == 1) {                            /* rows of A contiguous: A(r, p..p+3) in one load */
         for (; p + 4 <= k; p += 4) {
             v128_t av[MR];
             for (int r = 0; r < R; r++) av[r] = wasm_v128_load(ap + r * ais + p);
-#define STEP_ROWS(q)                                                                          \
-            {                                                                                 \
-                v128_t bv[NV];                                                                \
-                for (int v = 0; v < V; v++) bv[v] = wasm_v128_load(bp + (q) * ldb + 4 * v);   \
-                for (int r = 0; r < R; r++) {                                                 \
-                    v128_t x = LANE(av[r], q);                                                \
-                    for (int v = 0; v < V; v++) acc[r][v] = MADD(acc[r][v], x, bv[v]);        \
-                }                                                                             \
+#define STEP_ROWS(q)                                                                      \
+            {                                                                             \
+                v128_t bv[2];                                                             \
+                for (int v = 0; v < V; v++) bv[v] = wasm_v128_load(bp + (q) * ldb + 4 * v); \
+                for (int r = 0; r < R; r++) {                                             \
+                    v128_t x = LANE(av[r], q);                                            \
+                    for (int v = 0; v < V; v++) acc[r][v] = MADD(acc[r][v], x, bv[v]);    \
+                }                                                                         \
             }
             STEP_ROWS(0) STEP_ROWS(1) STEP_ROWS(2) STEP_ROWS(3)
 #undef STEP_ROWS
             bp += 4 * ldb;
         }
         ap += p;
-    } else if (ais == 1 && R == 4) {    /* columns of A are contiguous: A(0..3, p) in one load */
+    } else if (ais == 1 && R == MR) {          /* columns of A contiguous: A(0..3, p) in one load */
         for (; p + 4 <= k; p += 4) {
-#define STEP_COLS(q)                                                                          \
-            {                                                                                 \
-                v128_t av = wasm_v128_load(ap + (q) * aps);                                   \
-                v128_t xs[4] = {LANE(av, 0), LANE(av, 1), LANE(av, 2), LANE(av, 3)};          \
-                v128_t bv[NV];                                                                \
-                for (int v = 0; v < V; v++) bv[v] = wasm_v128_load(bp + (q) * ldb + 4 * v);   \
-                for (int r = 0; r < 4; r++)                                                   \
-                    for (int v = 0; v < V; v++) acc[r][v] = MADD(acc[r][v], xs[r], bv[v]);    \
+#define STEP_COLS(q)                                                                      \
+            {                                                                             \
+                v128_t av = wasm_v128_load(ap + (q) * aps);                               \
+                v128_t xs[MR] = {LANE(av, 0), LANE(av, 1), LANE(av, 2), LANE(av, 3)};     \
+                v128_t bv[2];                                                             \
+                for (int v = 0; v < V; v++) bv[v] = wasm_v128_load(bp + (q) * ldb + 4 * v); \
+                for (int r = 0; r < MR; r++)                                              \
+                    for (int v = 0; v < V; v++) acc[r][v] = MADD(acc[r][v], xs[r], bv[v]); \
             }
             STEP_COLS(0) STEP_COLS(1) STEP_COLS(2) STEP_COLS(3)
 #undef STEP_COLS
@@ -196,7 +208,7 @@ INLINE void tile_vec(int epi, int R, int V, int i0, int j0, int k, const float *
         }
     }
     for (; p < k; p++) {
-        v128_t bv[NV];
+        v128_t bv[2];
         for (int v = 0; v < V; v++) bv[v] = wasm_v128_load(bp + 4 * v);
         for (int r = 0; r < R; r++) {
             v128_t x = wasm_v128_load32_splat(ap + r * ais);
@@ -213,18 +225,19 @@ INLINE void tile_vec(int epi, int R, int V, int i0, int j0, int k, const float *
     }
 }
 
-/* R rows by one column. */
+/* R rows of one column j of C, straight from B. */
 INLINE void tile_col(int epi, int R, int i0, int j, int k, const float *a, int ais, int aps,
-                     const float *b, int ldb, float *c, int ldc, const float *bias, const float *mask, float lr) {
+                     const float *b, int bps, int bjs, float *c, int ldc, const float *bias, const float *mask,
+                     float lr) {
     float acc[MR];
     for (int r = 0; r < R; r++) acc[r] = 0.0f;
     const float *ap = a + i0 * ais;
-    const float *bp = b + j;
+    const float *bp = b + j * bjs;
     for (int p = 0; p < k; p++) {
         float bj = *bp;
         for (int r = 0; r < R; r++) acc[r] += ap[r * ais] * bj;
         ap += aps;
-        bp += ldb;
+        bp += bps;
     }
     for (int r = 0; r < R; r++) {
         int at = (i0 + r) * ldc + j;
@@ -232,63 +245,51 @@ INLINE void tile_col(int epi, int R, int i0, int j, int k, const float *a, int a
     }
 }
 
-INLINE void panel(int epi, int V, int j, int m, int k, const float *a, int ais, int aps, const float *b, int ldb,
-                  float *c, int ldc, const float *bias, const float *mask, float lr) {
+INLINE void panel(int epi, int V, int j, int m, int k, const float *a, int ais, int aps, const float *b, int bps,
+                  int bjs, float *c, int ldc, const float *bias, const float *mask, float lr, float *pack) {
+    pack_panel(V, k, b, bps, bjs, j, pack);
     int i = 0;
-    for (; i + MR <= m; i += MR) tile_vec(epi, MR, V, i, j, k, a, ais, aps, b, ldb, c, ldc, bias, mask, lr);
-    for (; i < m; i++) tile_vec(epi, 1, V, i, j, k, a, ais, aps, b, ldb, c, ldc, bias, mask, lr);
+    for (; i + MR <= m; i += MR) tile_vec(epi, MR, V, i, j, k, a, ais, aps, pack, c, ldc, bias, mask, lr);
+    for (; i < m; i++) tile_vec(epi, 1, V, i, j, k, a, ais, aps, pack, c, ldc, bias, mask, lr);
 }
 
-#ifdef PACK
-static float pack_buf[4096 * 4 * NV];
-#endif
-INLINE void gemm(int epi, int m, int n, int k, const float *a, int ais, int aps, const float *b, int ldb,
-                 float *c, int ldc, const float *bias, const float *mask, float lr) {
+/* pack holds NR * k floats. */
+INLINE void gemm(int epi, int m, int n, int k, const float *a, int ais, int aps, const float *b, int bps, int bjs,
+                 float *c, int ldc, const float *bias, const float *mask, float lr, float *pack) {
     int j = 0;
-#ifdef PACK
-    if (m > MR && k <= 4096) {
-        for (; j + 4 * NV <= n; j += 4 * NV) {
-            for (int p = 0; p < k; p++)
-                for (int v = 0; v < NV; v++) wasm_v128_store(pack_buf + p * 4 * NV + 4 * v, wasm_v128_load(b + p * ldb + j + 4 * v));
-            panel(epi, NV, j, m, k, a, ais, aps, pack_buf - j, 4 * NV, c, ldc, bias, mask, lr);
-        }
-    }
-#endif
-    for (; j + 4 * NV <= n; j += 4 * NV) panel(epi, NV, j, m, k, a, ais, aps, b, ldb, c, ldc, bias, mask, lr);
-    for (int v = NV - 1; v >= 1; v--) {
-        if (j + 4 * v <= n) {
-            panel(epi, v, j, m, k, a, ais, aps, b, ldb, c, ldc, bias, mask, lr);
-            j += 4 * v;
-        }
+    for (; j + NR <= n; j += NR) panel(epi, 2, j, m, k, a, ais, aps, b, bps, bjs, c, ldc, bias, mask, lr, pack);
+    if (j + 4 <= n) {
+        panel(epi, 1, j, m, k, a, ais, aps, b, bps, bjs, c, ldc, bias, mask, lr, pack);
+        j += 4;
     }
     for (; j < n; j++) {
         int i = 0;
-        for (; i + MR <= m; i += MR) tile_col(epi, MR, i, j, k, a, ais, aps, b, ldb, c, ldc, bias, mask, lr);
-        for (; i < m; i++) tile_col(epi, 1, i, j, k, a, ais, aps, b, ldb, c, ldc, bias, mask, lr);
+        for (; i + MR <= m; i += MR) tile_col(epi, MR, i, j, k, a, ais, aps, b, bps, bjs, c, ldc, bias, mask, lr);
+        for (; i < m; i++) tile_col(epi, 1, i, j, k, a, ais, aps, b, bps, bjs, c, ldc, bias, mask, lr);
     }
 }
 
-/* One non-inlined instance per epilogue keeps the module small. */
-static __attribute__((noinline)) void gemm_bias(int m, int n, int k, const float *a, const float *w,
-                                                  const float *bias, float *c) {
-    gemm(EPI_BIAS, m, n, k, a, k, 1, w, n, c, n, bias, c, 0.0f);  /* mask unused */
+/* One out-of-line instance per use keeps the module small. Unused epilogue operands point at c. */
+
+/* c = a @ w + bias, then ReLU if relu: a is m x k, w is k x n */
+static __attribute__((noinline)) void dense_forward(int relu, int m, int n, int k, const float *a, const float *w,
+                                                      const float *bias, float *c, float *pack) {
+    if (relu)
+        gemm(EPI_BIAS_RELU, m, n, k, a, k, 1, w, n, 1, c, n, bias, c, 0.0f, pack);
+    else
+        gemm(EPI_BIAS, m, n, k, a, k, 1, w, n, 1, c, n, bias, c, 0.0f, pack);
 }
 
-static __attribute__((noinline)) void gemm_bias_relu(int m, int n, int k, const float *a, const float *w,
-                                                       const float *bias, float *c) {
-    gemm(EPI_BIAS_RELU, m, n, k, a, k, 1, w, n, c, n, bias, c, 0.0f);
-}
-
-/* c = (g @ wt) * (mask > 0): g is m x k, wt is k x n */
-static __attribute__((noinline)) void gemm_mask(int m, int n, int k, const float *g, const float *wt,
-                                                  const float *mask, float *c) {
-    gemm(EPI_MASK, m, n, k, g, k, 1, wt, n, c, n, c, mask, 0.0f);  /* bias unused */
+/* c = (g @ w^T) * (mask > 0): g is m x fan_out, w is fan_in x fan_out, c and mask m x fan_in */
+static __attribute__((noinline)) void dense_backward(int m, int fan_in, int fan_out, const float *g, const float *w,
+                                                       const float *mask, float *c, float *pack) {
+    gemm(EPI_MASK, m, fan_in, fan_out, g, fan_out, 1, w, 1, fan_out, c, fan_in, c, mask, 0.0f, pack);
 }
 
 /* w -= lr * (act^T @ g): act is rows x fan_in, g is rows x fan_out, w is fan_in x fan_out */
-static __attribute__((noinline)) void gemm_sgd(int fan_in, int fan_out, int rows, const float *act,
-                                                 const float *g, float *w, float lr) {
-    gemm(EPI_SGD, fan_in, fan_out, rows, act, 1, fan_in, g, fan_out, w, fan_out, w, w, lr);  /* bias, mask unused */
+static __attribute__((noinline)) void dense_sgd(int fan_in, int fan_out, int rows, const float *act, const float *g,
+                                                  float *w, float lr, float *pack) {
+    gemm(EPI_SGD, fan_in, fan_out, rows, act, 1, fan_in, g, fan_out, 1, w, fan_out, w, w, lr, pack);
 }
 
 /* ---- the model ------------------------------------------------------------------------------ */
@@ -296,7 +297,7 @@ static __attribute__((noinline)) void gemm_sgd(int fan_in, int fan_out, int rows
 static int valid_widths(const int32_t *widths, int num_layers) {
     if (num_layers < 1 || num_layers > MAX_LAYERS) return 0;
     for (int i = 0; i <= num_layers; i++)
-        if (widths[i] < 1 || widths[i] > (1 << 16)) return 0;
+        if (widths[i] < 1 || widths[i] > MAX_WIDTH) return 0;
     return widths[num_layers] >= 2;
 }
 
@@ -306,20 +307,18 @@ static int max_width(const int32_t *widths, int num_layers) {
     return w;
 }
 
-/* Floats of scratch train_epoch needs: the activations of every layer for one batch, two
- * gradient buffers and one transposed weight matrix. The host computes the same formula. */
+/* Floats of scratch train_epoch needs: every layer's activations for one batch, two gradient
+ * buffers and a packed panel. wasm_backend.py computes the same numbers. */
 static uint64_t train_scratch_floats(const int32_t *widths, int num_layers, int batch) {
-    uint64_t acts = 0, wt = 0;
+    uint64_t acts = 0, widest = (uint64_t)max_width(widths, num_layers);
     for (int i = 0; i <= num_layers; i++) acts += (uint64_t)widths[i];
-    for (int i = 1; i < num_layers; i++) {
-        uint64_t size = (uint64_t)widths[i] * (uint64_t)widths[i + 1];
-        wt = size > wt ? size : wt;
-    }
-    return (uint64_t)batch * acts + 2u * (uint64_t)batch * (uint64_t)max_width(widths, num_layers) + wt;
+    uint64_t inner = widest > (uint64_t)batch ? widest : (uint64_t)batch;
+    return (uint64_t)batch * acts + 2u * (uint64_t)batch * widest + NR * inner;
 }
 
 static uint64_t logits_scratch_floats(const int32_t *widths, int num_layers) {
-    return 2u * LOGITS_TILE * (uint64_t)max_width(widths, num_layers);
+    uint64_t widest = (uint64_t)max_width(widths, num_layers);
+    return 2u * LOGITS_TILE * widest + NR * widest;
 }
 
 static void layer_pointers(const int32_t *widths, int num_layers, float *params, float **w, float **b) {
@@ -361,32 +360,27 @@ static float softmax_xent(const float *z, const int32_t *y, const int32_t *rows_
     return loss_sum;
 }
 
-static void transpose(const float *w, int rows, int cols, float *wt) {
-    for (int i = 0; i < rows; i++)
-        for (int j = 0; j < cols; j++) wt[j * rows + i] = w[i * cols + j];
-}
-
-/* One epoch of minibatch SGD over the examples in `order` (n of them, batches of batch_size, the
- * last one possibly short), updating params in place. Writes the epoch's loss sum (f64) at out and
- * the number of correct on-the-fly predictions (int32) at out + 8. */
+/* One epoch of minibatch SGD over the examples in `order` (n of them, consecutive batches of
+ * batch_size, the last one possibly short), updating params in place. Writes the epoch's loss sum
+ * (f64) at out and the number of correct on-the-fly predictions (int32) at out + 8. */
 EXPORT("train_epoch")
 int32_t train_epoch(const int32_t *widths, int32_t num_layers, float *params, const float *x, const int32_t *y,
                     const int32_t *order, int32_t n, int32_t batch_size, float lr, float *scratch,
                     int32_t scratch_floats, uint8_t *out) {
-    if (!valid_widths(widths, num_layers) || n < 0 || batch_size < 1) return STATUS_BAD_SHAPE;
+    if (!valid_widths(widths, num_layers) || n < 0 || batch_size < 1 || batch_size > MAX_BATCH) return STATUS_BAD_SHAPE;
     if (train_scratch_floats(widths, num_layers, batch_size) > (uint64_t)(uint32_t)scratch_floats)
         return STATUS_SCRATCH;
     float *w[MAX_LAYERS], *b[MAX_LAYERS], *act[MAX_LAYERS + 1];
     layer_pointers(widths, num_layers, params, w, b);
-    int width_max = max_width(widths, num_layers);
+    int widest = max_width(widths, num_layers);
     float *s = scratch;
     for (int i = 0; i <= num_layers; i++) {
         act[i] = s;
         s += batch_size * widths[i];
     }
     float *grad = s;
-    float *grad_prev = grad + batch_size * width_max;
-    float *wt = grad_prev + batch_size * width_max;
+    float *grad_prev = grad + batch_size * widest;
+    float *pack = grad_prev + batch_size * widest;
 
     int last = num_layers - 1, inputs = widths[0], classes = widths[num_layers];
     double loss_sum = 0.0;
@@ -399,21 +393,15 @@ int32_t train_epoch(const int32_t *widths, int32_t num_layers, float *params, co
             float *dst = act[0] + r * inputs;
             for (int j = 0; j < inputs; j++) dst[j] = src[j];
         }
-        for (int i = 0; i < num_layers; i++) {
-            if (i < last)
-                gemm_bias_relu(rows, widths[i + 1], widths[i], act[i], w[i], b[i], act[i + 1]);
-            else
-                gemm_bias(rows, widths[i + 1], widths[i], act[i], w[i], b[i], act[i + 1]);
-        }
+        for (int i = 0; i < num_layers; i++)
+            dense_forward(i < last, rows, widths[i + 1], widths[i], act[i], w[i], b[i], act[i + 1], pack);
         loss_sum += (double)softmax_xent(act[num_layers], y, idx, rows, classes, grad, &correct);
 
         for (int i = last; i >= 0; i--) {
             int fan_in = widths[i], fan_out = widths[i + 1];
-            if (i > 0) {   /* the gradient flowing back uses the weights before this step's update */
-                transpose(w[i], fan_in, fan_out, wt);
-                gemm_mask(rows, fan_in, fan_out, grad, wt, act[i], grad_prev);
-            }
-            gemm_sgd(fan_in, fan_out, rows, act[i], grad, w[i], lr);
+            /* the gradient flowing back uses the weights from before this step's update */
+            if (i > 0) dense_backward(rows, fan_in, fan_out, grad, w[i], act[i], grad_prev, pack);
+            dense_sgd(fan_in, fan_out, rows, act[i], grad, w[i], lr, pack);
             for (int j = 0; j < fan_out; j++) {
                 float db = 0.0f;
                 for (int r = 0; r < rows; r++) db += grad[r * fan_out + j];
@@ -438,20 +426,19 @@ int32_t logits(const int32_t *widths, int32_t num_layers, float *params, const f
     float *w[MAX_LAYERS], *b[MAX_LAYERS];
     layer_pointers(widths, num_layers, params, w, b);
     int tile_floats = LOGITS_TILE * max_width(widths, num_layers);
+    float *pack = scratch + 2 * tile_floats;
     int last = num_layers - 1, inputs = widths[0], classes = widths[num_layers];
     for (int start = 0; start < n; start += LOGITS_TILE) {
         int rows = n - start < LOGITS_TILE ? n - start : LOGITS_TILE;
         const float *h = x + (uint32_t)start * (uint32_t)inputs;
         float *buf = scratch;
-        for (int i = 0; i < num_layers; i++) {
-            if (i < last) {
-                gemm_bias_relu(rows, widths[i + 1], widths[i], h, w[i], b[i], buf);
-                h = buf;
-                buf = buf == scratch ? scratch + tile_floats : scratch;
-            } else {
-                gemm_bias(rows, classes, widths[i], h, w[i], b[i], out + (uint32_t)start * (uint32_t)classes);
-            }
+        for (int i = 0; i < last; i++) {
+            dense_forward(1, rows, widths[i + 1], widths[i], h, w[i], b[i], buf, pack);
+            h = buf;
+            buf = buf == scratch ? scratch + tile_floats : scratch;
         }
+        dense_forward(0, rows, classes, widths[last], h, w[last], b[last], out + (uint32_t)start * (uint32_t)classes,
+                      pack);
     }
     return STATUS_OK;
 }
