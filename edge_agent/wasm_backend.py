@@ -44,8 +44,9 @@ FUEL_PER_VALUE = 64
 FUEL_BASE = 1_000_000
 FUEL_INSTANTIATE = 1_000_000    # a start function, if any, runs during instantiation
 
-# The kernel keeps a tile of LOGITS_TILE rows per layer for inference (kernel.c).
+# Constants of kernel.c that size its scratch buffer: rows per inference tile, columns per packed panel.
 LOGITS_TILE = 64
+PANEL_COLUMNS = 8
 # Inference runs on chunks of at most this many bytes of input and output per call.
 LOGITS_CHUNK_BYTES = 8 << 20
 
@@ -238,13 +239,14 @@ class _Model:
         return int(sum(int(self.widths[i]) * int(self.widths[i + 1]) for i in range(self.num_layers)))
 
     def train_scratch_floats(self, batch_size: int) -> int:
-        """Must equal train_scratch_floats in kernel.c."""
+        """The kernel's train_scratch_floats (kernel.c): activations, two gradients, a packed panel."""
         widths = [int(w) for w in self.widths]
-        transposed = max((widths[i] * widths[i + 1] for i in range(1, self.num_layers)), default=0)
-        return batch_size * sum(widths) + 2 * batch_size * max(widths) + transposed
+        return batch_size * sum(widths) + 2 * batch_size * max(widths) + PANEL_COLUMNS * max(max(widths), batch_size)
 
     def logits_scratch_floats(self) -> int:
-        return 2 * LOGITS_TILE * int(self.widths.max())
+        """The kernel's logits_scratch_floats (kernel.c): two activation tiles and a packed panel."""
+        widest = int(self.widths.max())
+        return 2 * LOGITS_TILE * widest + PANEL_COLUMNS * widest
 
 
 def _place(mem: np.ndarray, offset: int, values: np.ndarray) -> None:
