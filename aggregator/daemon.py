@@ -26,6 +26,7 @@ from fedmq.broker.session import cancel_tasks, run_connected
 
 from .config import AggregatorConfig
 from .intake import check_update, decode_update
+from .journal import JournalError, UpdateJournal
 from .registry import ModelRegistry, RegistryError, VersionRecord
 from .rounds import SyncRound
 from .strategy import ServerSGD
@@ -51,7 +52,9 @@ class Aggregator:
         self._stop: asyncio.Event | None = None
         self._deadline_warned = False
         self.model, self.model_payload = self._load_or_create_model()
+        self.journal = UpdateJournal(config.state_dir / "journal")
         self.round = self._open_round()
+        self._replay_journal()
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -113,6 +116,24 @@ class Aggregator:
         self._deadline_warned = False
         return SyncRound(self.model.version, self._shapes, self.config.policy, opened_at=time.time())
 
+    def _replay_journal(self) -> None:
+        """Rebuild the open round and the de-duplication memory from the journal after a restart."""
+        records = self.journal.open_round(self.model.version)
+        for _, closed in self.journal.closed_rounds():
+            for device, payload in closed:
+                try:
+                    self._remember((device, decode_update(payload, max_bytes=len(payload) + 1).update_id))
+                except RejectedMessage:
+                    log.warning("journal holds an unreadable update from %s; skipped", device)
+        for device, payload in records:
+            update = decode_update(payload, max_bytes=len(payload) + 1)
+            delta = check_update(update, topic_device=device, shapes=self._shapes, codec=update.codec)
+            self.round.add(update, delta, len(payload))
+            self._remember((device, update.update_id))
+        if records:
+            self.counters["replayed"] += len(records)
+            log.info("round for v%d resumed from the journal with %d accepted update(s)", self.model.version, len(records))
+
     def status(self, state: str = "online") -> AggregatorStatus:
         counters = {k: float(v) for k, v in sorted(self.counters.items())}
         counters["round_updates"] = float(self.round.count)
@@ -140,6 +161,7 @@ class Aggregator:
                 persistent_session=True,
             )
         finally:
+            self.journal.close()
             self.registry.close()
 
     async def _session(self, client: aiomqtt.Client, protocol: str) -> None:
@@ -185,7 +207,8 @@ class Aggregator:
             payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
             async with self._lock:
                 receipt = self.ingest(parsed.device, payload)
-                await client.publish(topics.receipt_topic(self.config.fleet, parsed.device), receipt.encode(), qos=1)
+                if receipt is not None:
+                    await client.publish(topics.receipt_topic(self.config.fleet, parsed.device), receipt.encode(), qos=1)
                 if self.round.ready(time.time()):
                     await self._close_round(client)
 
@@ -207,8 +230,12 @@ class Aggregator:
 
     # -- the sans-IO steps the shell calls -------------------------------------------------------
 
-    def ingest(self, device: str, payload: bytes) -> Receipt:
-        """Check one update from ``device`` and fold it into the open round; return its receipt."""
+    def ingest(self, device: str, payload: bytes) -> Receipt | None:
+        """Check one update from ``device`` and fold it into the open round; return its receipt.
+
+        None means "no answer": the update could not be made durable (journal error), so the
+        device must keep it and send it again later.
+        """
         update_id = ""
         try:
             update = decode_update(payload, max_bytes=self.config.max_update_bytes)
@@ -216,9 +243,21 @@ class Aggregator:
             delta = check_update(update, topic_device=device, shapes=self._shapes, codec=self.config.task.codec)
             key = (device, update.update_id)
             if key in self._seen:
+                self.counters["duplicates"] += 1
                 raise RejectedMessage(Reason.DUPLICATE, f"update {update.update_id} was already accepted")
+            try:
+                self.round.check(update)
+            except RejectedMessage as exc:
+                if exc.reason is Reason.STALE:
+                    self.counters["late"] += 1
+                raise
+            self.journal.append(device, payload)  # durable before the receipt says "accepted"
             self.round.add(update, delta, len(payload))
             self._remember(key)
+        except JournalError as exc:
+            self.counters["journal_errors"] += 1
+            log.error("update %r from %s not accepted, no receipt sent: %s", update_id, device, exc)
+            return None
         except RejectedMessage as exc:
             self.counters["rejected"] += 1
             self.counters[f"rejected_{exc.reason.value}"] += 1
@@ -255,6 +294,8 @@ class Aggregator:
         record = self.registry.add(version, self.model.version, payload, info)
         self.model, self.model_payload = model, payload
         self.round = self._open_round()
+        self.journal.open_round(version)  # the registry row exists: the old round is closed for good
+        self.journal.prune()
         self.counters["rounds"] += 1
         log.info("v%d published: %d updates, %d examples, train loss %.4f", version, result.num_updates,
                  result.num_examples, result.metrics.get("train_loss", float("nan")))

@@ -1,0 +1,126 @@
+"""The aggregator's write-ahead journal: every accepted update, on disk before its receipt.
+
+One append-only file per round (``v00000007.log`` holds the updates accepted for version 7).
+A record is ``<length u32><crc32 u32><device length u16><device><payload>``, little-endian; the
+file is fsynced after each append, before the receipt goes out. On restart the open round is
+rebuilt by replaying its file, and the (device, update id) pairs of the last few rounds are read
+back for de-duplication. A record cut short by a crash (never acknowledged) is truncated away.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from fedmq.broker.errors import FedmqError
+
+log = logging.getLogger(__name__)
+
+_HEAD = struct.Struct("<II")
+_DEVICE = struct.Struct("<H")
+MAX_RECORD = 1 << 30
+
+
+class JournalError(FedmqError):
+    """The journal cannot be written (disk full, permissions): the update is not accepted."""
+
+
+class UpdateJournal:
+    """Journal files under ``directory``; ``keep_rounds`` closed rounds are kept for de-duplication."""
+
+    def __init__(self, directory: Path, *, keep_rounds: int = 3, fsync: bool = True) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.keep_rounds = keep_rounds
+        self.fsync = fsync
+        self._file: int | None = None
+        self.version = 0
+
+    def path(self, version: int) -> Path:
+        return self.directory / f"v{version:08d}.log"
+
+    def open_round(self, version: int) -> list[tuple[str, bytes]]:
+        """Start (or resume) the journal of ``version``'s round; return the records it already has."""
+        self.close()
+        path = self.path(version)
+        records, valid_end = self._scan(path) if path.exists() else ([], 0)
+        self._file = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        size = os.fstat(self._file).st_size
+        if size != valid_end:
+            log.warning("journal %s: dropping %d bytes of a record cut short by a crash", path, size - valid_end)
+            os.ftruncate(self._file, valid_end)
+            os.fsync(self._file)
+        os.lseek(self._file, valid_end, os.SEEK_SET)
+        self.version = version
+        self._sync_directory()
+        return records
+
+    def append(self, device: str, payload: bytes) -> None:
+        """Write one accepted update durably (fsync) before it is acknowledged."""
+        if self._file is None:
+            raise JournalError("journal is not open")
+        name = device.encode()
+        body = _DEVICE.pack(len(name)) + name + payload
+        record = _HEAD.pack(len(body), zlib.crc32(body)) + body
+        position = os.lseek(self._file, 0, os.SEEK_CUR)
+        try:
+            written = os.write(self._file, record)
+            if written != len(record):
+                raise OSError(f"short write ({written} of {len(record)} bytes)")
+            if self.fsync:
+                os.fsync(self._file)
+        except OSError as exc:
+            # leave no partial record behind: the next append must start on a record boundary
+            os.ftruncate(self._file, position)
+            os.lseek(self._file, position, os.SEEK_SET)
+            raise JournalError(f"cannot write the journal {self.path(self.version)}: {exc}") from exc
+
+    def closed_rounds(self) -> Iterator[tuple[int, list[tuple[str, bytes]]]]:
+        """(version, records) of the kept journals of rounds before the open one."""
+        for path in sorted(self.directory.glob("v*.log")):
+            version = int(path.stem[1:])
+            if version < self.version:
+                yield version, self._scan(path)[0]
+
+    def prune(self) -> None:
+        """Delete journals of rounds older than ``keep_rounds`` before the open one."""
+        for path in self.directory.glob("v*.log"):
+            if int(path.stem[1:]) < self.version - self.keep_rounds:
+                path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._file is not None:
+            os.close(self._file)
+            self._file = None
+
+    def _sync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _scan(path: Path) -> tuple[list[tuple[str, bytes]], int]:
+        """The whole records of ``path`` and the offset where they end."""
+        data = path.read_bytes()
+        records: list[tuple[str, bytes]] = []
+        offset = 0
+        while offset + _HEAD.size <= len(data):
+            length, crc = _HEAD.unpack_from(data, offset)
+            start = offset + _HEAD.size
+            end = start + length
+            if length > MAX_RECORD or end > len(data) or length < _DEVICE.size:
+                break
+            body = data[start:end]
+            if zlib.crc32(body) != crc:
+                break
+            (name_len,) = _DEVICE.unpack_from(body)
+            device = body[_DEVICE.size:_DEVICE.size + name_len].decode(errors="replace")
+            records.append((device, bytes(body[_DEVICE.size + name_len:])))
+            offset = end
+        return records, offset
