@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 
 import numpy as np
 
@@ -87,9 +88,9 @@ def main() -> None:
         batch = x[:256]
         base_epoch = base_infer = None
         for name, backend in backends.items():
-            warm, epoch = timed(lambda b=backend: b.train(params, arch, x, y, epochs=1, batch_size=16, lr=0.05, seed=1),
+            warm, epoch = timed(partial(backend.train, params, arch, x, y, epochs=1, batch_size=16, lr=0.05, seed=1),
                                 args.repeat)
-            _, infer = timed(lambda b=backend: b.logits(params, arch, batch), args.repeat * 5)
+            _, infer = timed(partial(backend.logits, params, arch, batch), args.repeat * 5)
             if name == "numpy":
                 base_epoch, base_infer = epoch, infer
             row = {"case": case, "backend": name, "epoch_ms": epoch * 1e3, "warmup_ms": warm * 1e3,

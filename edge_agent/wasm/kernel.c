@@ -3,19 +3,19 @@
  *
  * Freestanding C for wasm32 (no libc, no imports); built by build.py. The maths follows
  * fedmq.edge_agent.training step for step, in float32: forward (dense + ReLU, last layer linear),
- * mean softmax cross-entropy, backward with the old weights, then W -= lr * dW, b -= lr * db.
+ * mean softmax cross-entropy, backward with the weights from before the step, then
+ * W -= lr * dW and b -= lr * db.
  *
- * Memory contract. The host never touches the module's initial memory (stack and static data
- * live there); it grows the memory and places every buffer above the initial size, at offsets
- * of its choosing:
+ * Exports: memory, train_epoch(args) and logits(args). Each function takes the offset of its
+ * argument block (struct train_args / struct logits_args below) and returns 0 or a STATUS_* code.
  *
+ * Memory: the host never writes to the module's initial memory (the stack and static data live
+ * there); it grows the memory and places every buffer above the initial size, at offsets of its
+ * choosing:
  *   widths   int32[num_layers + 1]        inputs, hidden..., classes
  *   params   float32, per layer i: W_i (widths[i] x widths[i+1], row-major) then b_i, packed
- *   x        float32[n][widths[0]]        y int32[n] (0 <= y < classes), order int32[n]
- *   scratch  float32, train_scratch_floats() / logits_scratch_floats() below
- *   out      train_epoch: f64 loss sum at out, int32 correct count at out + 8
- *
- * Every export returns 0 on success or a STATUS_* code; the host turns codes into errors.
+ *   x        float32[n][widths[0]];  y, order: int32[n] (0 <= y < classes)
+ *   scratch  float32[train_scratch_floats() or logits_scratch_floats()]
  */
 
 #include <stdint.h>
@@ -74,7 +74,7 @@ static float log_f32(float xf) {
     double x = xf;
     if (x != x || x < 0.0) return __builtin_nanf("");
     if (x == 0.0) return -__builtin_inff();
-    if (x > 3.5e38) return xf;             /* +inf (and FLT_MAX, whose log we never need) */
+    if (x > 3.5e38) return xf;             /* +inf */
     union { uint64_t u; double d; } v = { .d = x };   /* float32 values are normal doubles */
     int e = (int)((v.u >> 52) & 0x7ff) - 1023;
     v.u = (v.u & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL;
@@ -111,10 +111,30 @@ static float log_f32(float xf) {
  * B into a plain one (no separate transpose pass) and avoids the cache-set conflicts of walking a
  * column panel of a matrix whose rows are a power-of-two bytes apart. */
 
+#ifndef MR
 #define MR 4                   /* rows per tile */
+#endif
 #define NR 8                   /* columns per panel: two f32x4 vectors */
+#ifndef KC
+#define KC 256                 /* steps of k per chunk of a panel: 8 KB packed */
+#endif
+#ifndef USE_BARRIER
+#define BARRIER()
+#else
+#define BARRIER() __asm__ volatile("" ::: "memory");
+#endif
+#ifndef ONE_STEP
+#define ONE_STEP 0
+#endif
+#ifndef RELOAD
+#define RELOAD 0
+#endif
 #define LANE(v, q) wasm_i32x4_shuffle(v, v, q, q, q, q)
+#ifdef USE_FMA
+#define MADD(acc, x, y) wasm_f32x4_relaxed_madd(x, y, acc)
+#else
 #define MADD(acc, x, y) wasm_f32x4_add(acc, wasm_f32x4_mul(x, y))
+#endif
 
 INLINE v128_t epi_vec(int epi, v128_t acc, const float *c, const float *bias, const float *mask, float lr) {
     switch (epi) {
@@ -149,13 +169,35 @@ INLINE float epi_scalar(int epi, float acc, const float *c, const float *bias, c
 
 /* Copy B(0..k-1, j0..j0+4V-1) into pack, row after row (row stride 4V). */
 INLINE void pack_panel(int V, int k, const float *b, int bps, int bjs, int j0, float *pack) {
+    const int ld = 4 * V;
     if (bjs == 1) {
         for (int p = 0; p < k; p++)
-            for (int v = 0; v < V; v++) wasm_v128_store(pack + p * 4 * V + 4 * v, wasm_v128_load(b + p * bps + j0 + 4 * v));
-    } else {
-        for (int q = 0; q < 4 * V; q++) {
-            const float *src = b + (j0 + q) * bjs;
-            for (int p = 0; p < k; p++) pack[p * 4 * V + q] = src[p * bps];
+            for (int v = 0; v < V; v++) wasm_v128_store(pack + p * ld + 4 * v, wasm_v128_load(b + p * bps + j0 + 4 * v));
+        return;
+    }
+    /* B is a transposed view (column j of B is row j of a matrix): 4x4 transposes in registers */
+    for (int v = 0; v < V; v++) {
+        const float *r0 = b + (j0 + 4 * v) * bjs, *r1 = r0 + bjs, *r2 = r1 + bjs, *r3 = r2 + bjs;
+        int p = 0;
+        if (bps == 1) {
+            for (; p + 4 <= k; p += 4) {
+                v128_t x0 = wasm_v128_load(r0 + p), x1 = wasm_v128_load(r1 + p);
+                v128_t x2 = wasm_v128_load(r2 + p), x3 = wasm_v128_load(r3 + p);
+                v128_t t0 = wasm_i32x4_shuffle(x0, x1, 0, 4, 1, 5), t1 = wasm_i32x4_shuffle(x2, x3, 0, 4, 1, 5);
+                v128_t t2 = wasm_i32x4_shuffle(x0, x1, 2, 6, 3, 7), t3 = wasm_i32x4_shuffle(x2, x3, 2, 6, 3, 7);
+                float *dst = pack + p * ld + 4 * v;
+                wasm_v128_store(dst, wasm_i32x4_shuffle(t0, t1, 0, 1, 4, 5));
+                wasm_v128_store(dst + ld, wasm_i32x4_shuffle(t0, t1, 2, 3, 6, 7));
+                wasm_v128_store(dst + 2 * ld, wasm_i32x4_shuffle(t2, t3, 0, 1, 4, 5));
+                wasm_v128_store(dst + 3 * ld, wasm_i32x4_shuffle(t2, t3, 2, 3, 6, 7));
+            }
+        }
+        for (; p < k; p++) {
+            float *dst = pack + p * ld + 4 * v;
+            dst[0] = r0[p * bps];
+            dst[1] = r1[p * bps];
+            dst[2] = r2[p * bps];
+            dst[3] = r3[p * bps];
         }
     }
 }
@@ -165,14 +207,16 @@ INLINE void pack_panel(int V, int k, const float *b, int bps, int bjs, int j0, f
  * of A at once and broadcasting lanes costs one shuffle each, and unrolling four steps of p
  * amortises the register moves Cranelift inserts at every back edge. */
 INLINE void tile_vec(int epi, int R, int V, int i0, int j0, int k, const float *a, int ais, int aps,
-                     const float *bp, float *c, int ldc, const float *bias, const float *mask, float lr) {
+                     const float *bp, float *c, int ldc, const float *bias, const float *mask, float lr,
+                     int resume, int partial) {
     const int ldb = 4 * V;
     v128_t acc[MR][2];
     for (int r = 0; r < R; r++)
-        for (int v = 0; v < V; v++) acc[r][v] = wasm_f32x4_splat(0.0f);
+        for (int v = 0; v < V; v++)
+            acc[r][v] = resume ? wasm_v128_load(c + (i0 + r) * ldc + j0 + 4 * v) : wasm_f32x4_splat(0.0f);
     const float *ap = a + i0 * ais;
     int p = 0;
-    if (aps == 1) {                            /* rows of A contiguous: A(r, p..p+3) in one load */
+    if (aps == 1 && !ONE_STEP) {                            /* rows of A contiguous: A(r, p..p+3) in one load */
         for (; p + 4 <= k; p += 4) {
             v128_t av[MR];
             for (int r = 0; r < R; r++) av[r] = wasm_v128_load(ap + r * ais + p);
@@ -181,32 +225,33 @@ INLINE void tile_vec(int epi, int R, int V, int i0, int j0, int k, const float *
                 v128_t bv[2];                                                             \
                 for (int v = 0; v < V; v++) bv[v] = wasm_v128_load(bp + (q) * ldb + 4 * v); \
                 for (int r = 0; r < R; r++) {                                             \
-                    v128_t x = LANE(av[r], q);                                            \
+                    v128_t x = LANE(RELOAD ? wasm_v128_load(ap + r * ais + p) : av[r], q);  \
                     for (int v = 0; v < V; v++) acc[r][v] = MADD(acc[r][v], x, bv[v]);    \
                 }                                                                         \
             }
-            STEP_ROWS(0) STEP_ROWS(1) STEP_ROWS(2) STEP_ROWS(3)
+            STEP_ROWS(0) BARRIER() STEP_ROWS(1) BARRIER() STEP_ROWS(2) BARRIER() STEP_ROWS(3) BARRIER()
 #undef STEP_ROWS
             bp += 4 * ldb;
         }
         ap += p;
-    } else if (ais == 1 && R == MR) {          /* columns of A contiguous: A(0..3, p) in one load */
+    } else if (ais == 1 && R == MR && MR == 4 && !ONE_STEP) {          /* columns of A contiguous: A(0..3, p) in one load */
         for (; p + 4 <= k; p += 4) {
 #define STEP_COLS(q)                                                                      \
             {                                                                             \
                 v128_t av = wasm_v128_load(ap + (q) * aps);                               \
-                v128_t xs[MR] = {LANE(av, 0), LANE(av, 1), LANE(av, 2), LANE(av, 3)};     \
+                v128_t xs[4] = {LANE(av, 0), LANE(av, 1), LANE(av, 2), LANE(av, 3)};     \
                 v128_t bv[2];                                                             \
                 for (int v = 0; v < V; v++) bv[v] = wasm_v128_load(bp + (q) * ldb + 4 * v); \
-                for (int r = 0; r < MR; r++)                                              \
+                for (int r = 0; r < 4; r++)                                               \
                     for (int v = 0; v < V; v++) acc[r][v] = MADD(acc[r][v], xs[r], bv[v]); \
             }
-            STEP_COLS(0) STEP_COLS(1) STEP_COLS(2) STEP_COLS(3)
+            STEP_COLS(0) BARRIER() STEP_COLS(1) BARRIER() STEP_COLS(2) BARRIER() STEP_COLS(3) BARRIER()
 #undef STEP_COLS
             ap += 4 * aps;
             bp += 4 * ldb;
         }
     }
+#pragma clang loop unroll(disable)
     for (; p < k; p++) {
         v128_t bv[2];
         for (int v = 0; v < V; v++) bv[v] = wasm_v128_load(bp + 4 * v);
@@ -220,7 +265,7 @@ INLINE void tile_vec(int epi, int R, int V, int i0, int j0, int k, const float *
     for (int r = 0; r < R; r++) {
         for (int v = 0; v < V; v++) {
             int j = j0 + 4 * v, at = (i0 + r) * ldc + j;
-            wasm_v128_store(c + at, epi_vec(epi, acc[r][v], c + at, bias + j, mask + at, lr));
+            wasm_v128_store(c + at, partial ? acc[r][v] : epi_vec(epi, acc[r][v], c + at, bias + j, mask + at, lr));
         }
     }
 }
@@ -245,15 +290,24 @@ INLINE void tile_col(int epi, int R, int i0, int j, int k, const float *a, int a
     }
 }
 
+/* Columns j..j+4V-1 of C, in chunks of KC steps of k so that the packed chunk of the panel and the
+ * rows of A it meets stay in L1; between chunks C holds the running sums (same order of additions
+ * as one pass). Not for EPI_SGD, whose C is the weight matrix. */
 INLINE void panel(int epi, int V, int j, int m, int k, const float *a, int ais, int aps, const float *b, int bps,
                   int bjs, float *c, int ldc, const float *bias, const float *mask, float lr, float *pack) {
-    pack_panel(V, k, b, bps, bjs, j, pack);
-    int i = 0;
-    for (; i + MR <= m; i += MR) tile_vec(epi, MR, V, i, j, k, a, ais, aps, pack, c, ldc, bias, mask, lr);
-    for (; i < m; i++) tile_vec(epi, 1, V, i, j, k, a, ais, aps, pack, c, ldc, bias, mask, lr);
+    for (int p0 = 0; p0 < k; p0 += KC) {
+        int kc = k - p0 < KC ? k - p0 : KC, resume = p0 > 0, partial = p0 + kc < k;
+        const float *ak = a + p0 * aps;
+        pack_panel(V, kc, b + p0 * bps, bps, bjs, j, pack);
+        int i = 0;
+        for (; i + MR <= m; i += MR)
+            tile_vec(epi, MR, V, i, j, kc, ak, ais, aps, pack, c, ldc, bias, mask, lr, resume, partial);
+        for (; i < m; i++) tile_vec(epi, 1, V, i, j, kc, ak, ais, aps, pack, c, ldc, bias, mask, lr, resume, partial);
+    }
 }
 
-/* pack holds NR * k floats. */
+/* Column panels outer, row tiles inner: each packed panel (k x NR) is reused by every row tile.
+ * For a large k. pack holds NR * k floats. */
 INLINE void gemm(int epi, int m, int n, int k, const float *a, int ais, int aps, const float *b, int bps, int bjs,
                  float *c, int ldc, const float *bias, const float *mask, float lr, float *pack) {
     int j = 0;
@@ -266,6 +320,27 @@ INLINE void gemm(int epi, int m, int n, int k, const float *a, int ais, int aps,
         int i = 0;
         for (; i + MR <= m; i += MR) tile_col(epi, MR, i, j, k, a, ais, aps, b, bps, bjs, c, ldc, bias, mask, lr);
         for (; i < m; i++) tile_col(epi, 1, i, j, k, a, ais, aps, b, bps, bjs, c, ldc, bias, mask, lr);
+    }
+}
+
+/* All of B packed first, then row tiles outer: each line of C is read and written once, in
+ * order. For a small k (the weight update, k = batch rows), where C is the big operand.
+ * pack holds k * n floats. */
+INLINE void gemm_rows(int epi, int m, int n, int k, const float *a, int ais, int aps, const float *b, int bps,
+                      int bjs, float *c, int ldc, const float *bias, const float *mask, float lr, float *pack) {
+    int n8 = n & ~(NR - 1), n4 = n & ~3;
+    for (int j = 0; j < n8; j += NR) pack_panel(2, k, b, bps, bjs, j, pack + j * k);
+    if (n4 > n8) pack_panel(1, k, b, bps, bjs, n8, pack + n8 * k);
+    int i = 0;
+    for (; i + MR <= m; i += MR) {
+        for (int j = 0; j < n8; j += NR) tile_vec(epi, MR, 2, i, j, k, a, ais, aps, pack + j * k, c, ldc, bias, mask, lr, 0, 0);
+        if (n4 > n8) tile_vec(epi, MR, 1, i, n8, k, a, ais, aps, pack + n8 * k, c, ldc, bias, mask, lr, 0, 0);
+        for (int j = n4; j < n; j++) tile_col(epi, MR, i, j, k, a, ais, aps, b, bps, bjs, c, ldc, bias, mask, lr);
+    }
+    for (; i < m; i++) {
+        for (int j = 0; j < n8; j += NR) tile_vec(epi, 1, 2, i, j, k, a, ais, aps, pack + j * k, c, ldc, bias, mask, lr, 0, 0);
+        if (n4 > n8) tile_vec(epi, 1, 1, i, n8, k, a, ais, aps, pack + n8 * k, c, ldc, bias, mask, lr, 0, 0);
+        for (int j = n4; j < n; j++) tile_col(epi, 1, i, j, k, a, ais, aps, b, bps, bjs, c, ldc, bias, mask, lr);
     }
 }
 
@@ -289,7 +364,7 @@ static __attribute__((noinline)) void dense_backward(int m, int fan_in, int fan_
 /* w -= lr * (act^T @ g): act is rows x fan_in, g is rows x fan_out, w is fan_in x fan_out */
 static __attribute__((noinline)) void dense_sgd(int fan_in, int fan_out, int rows, const float *act, const float *g,
                                                   float *w, float lr, float *pack) {
-    gemm(EPI_SGD, fan_in, fan_out, rows, act, 1, fan_in, g, fan_out, 1, w, fan_out, w, w, lr, pack);
+    gemm_rows(EPI_SGD, fan_in, fan_out, rows, act, 1, fan_in, g, fan_out, 1, w, fan_out, w, w, lr, pack);
 }
 
 /* ---- the model ------------------------------------------------------------------------------ */
@@ -308,12 +383,13 @@ static int max_width(const int32_t *widths, int num_layers) {
 }
 
 /* Floats of scratch train_epoch needs: every layer's activations for one batch, two gradient
- * buffers and a packed panel. wasm_backend.py computes the same numbers. */
+ * buffers and the pack buffer (a k x NR panel, or a whole batch x width gradient for gemm_rows).
+ * wasm_backend.py computes the same numbers. */
 static uint64_t train_scratch_floats(const int32_t *widths, int num_layers, int batch) {
     uint64_t acts = 0, widest = (uint64_t)max_width(widths, num_layers);
     for (int i = 0; i <= num_layers; i++) acts += (uint64_t)widths[i];
-    uint64_t inner = widest > (uint64_t)batch ? widest : (uint64_t)batch;
-    return (uint64_t)batch * acts + 2u * (uint64_t)batch * widest + NR * inner;
+    uint64_t pack = widest * (uint64_t)(batch > NR ? batch : NR);
+    return (uint64_t)batch * acts + 2u * (uint64_t)batch * widest + pack;
 }
 
 static uint64_t logits_scratch_floats(const int32_t *widths, int num_layers) {
@@ -360,20 +436,53 @@ static float softmax_xent(const float *z, const int32_t *y, const int32_t *rows_
     return loss_sum;
 }
 
+/* The argument blocks the host writes before each call: one pointer argument instead of a dozen
+ * keeps the Python -> Wasm call cheap (wasmtime-py converts every argument in Python). Pointers
+ * are 32-bit offsets into linear memory, so both structs are arrays of 4-byte fields. */
+struct train_args {
+    const int32_t *widths;     /* num_layers + 1 widths */
+    int32_t num_layers;
+    float *params;             /* updated in place */
+    const float *x;            /* all examples, n x widths[0] */
+    const int32_t *y;
+    const int32_t *order;      /* this epoch's permutation of the examples */
+    int32_t n;
+    int32_t batch_size;
+    float lr;
+    float *scratch;
+    int32_t scratch_floats;
+    uint8_t *out;              /* f64 loss sum at out, int32 correct count at out + 8 */
+};
+
+struct logits_args {
+    const int32_t *widths;
+    int32_t num_layers;
+    const float *params;
+    const float *x;            /* n x widths[0] */
+    int32_t n;
+    float *scratch;
+    int32_t scratch_floats;
+    float *out;                /* n x classes */
+};
+
+_Static_assert(sizeof(struct train_args) == 48 && sizeof(struct logits_args) == 32, "host-visible layout");
+
 /* One epoch of minibatch SGD over the examples in `order` (n of them, consecutive batches of
  * batch_size, the last one possibly short), updating params in place. Writes the epoch's loss sum
- * (f64) at out and the number of correct on-the-fly predictions (int32) at out + 8. */
+ * and the number of correct on-the-fly predictions at out. */
 EXPORT("train_epoch")
-int32_t train_epoch(const int32_t *widths, int32_t num_layers, float *params, const float *x, const int32_t *y,
-                    const int32_t *order, int32_t n, int32_t batch_size, float lr, float *scratch,
-                    int32_t scratch_floats, uint8_t *out) {
+int32_t train_epoch(const struct train_args *args) {
+    const int32_t *widths = args->widths, *y = args->y, *order = args->order;
+    int num_layers = args->num_layers, n = args->n, batch_size = args->batch_size;
+    const float *x = args->x;
+    float lr = args->lr;
     if (!valid_widths(widths, num_layers) || n < 0 || batch_size < 1 || batch_size > MAX_BATCH) return STATUS_BAD_SHAPE;
-    if (train_scratch_floats(widths, num_layers, batch_size) > (uint64_t)(uint32_t)scratch_floats)
+    if (train_scratch_floats(widths, num_layers, batch_size) > (uint64_t)(uint32_t)args->scratch_floats)
         return STATUS_SCRATCH;
     float *w[MAX_LAYERS], *b[MAX_LAYERS], *act[MAX_LAYERS + 1];
-    layer_pointers(widths, num_layers, params, w, b);
+    layer_pointers(widths, num_layers, args->params, w, b);
     int widest = max_width(widths, num_layers);
-    float *s = scratch;
+    float *s = args->scratch;
     for (int i = 0; i <= num_layers; i++) {
         act[i] = s;
         s += batch_size * widths[i];
@@ -412,25 +521,27 @@ int32_t train_epoch(const int32_t *widths, int32_t num_layers, float *params, co
             grad_prev = t;
         }
     }
-    __builtin_memcpy(out, &loss_sum, 8);
-    __builtin_memcpy(out + 8, &correct, 4);
+    __builtin_memcpy(args->out, &loss_sum, 8);
+    __builtin_memcpy(args->out + 8, &correct, 4);
     return STATUS_OK;
 }
 
 /* Logits of n examples (x is n x inputs) into out (n x classes), LOGITS_TILE rows at a time. */
 EXPORT("logits")
-int32_t logits(const int32_t *widths, int32_t num_layers, float *params, const float *x, int32_t n,
-               float *scratch, int32_t scratch_floats, float *out) {
+int32_t logits(const struct logits_args *args) {
+    const int32_t *widths = args->widths;
+    int num_layers = args->num_layers, n = args->n;
+    float *scratch = args->scratch, *out = args->out;
     if (!valid_widths(widths, num_layers) || n < 0) return STATUS_BAD_SHAPE;
-    if (logits_scratch_floats(widths, num_layers) > (uint64_t)(uint32_t)scratch_floats) return STATUS_SCRATCH;
+    if (logits_scratch_floats(widths, num_layers) > (uint64_t)(uint32_t)args->scratch_floats) return STATUS_SCRATCH;
     float *w[MAX_LAYERS], *b[MAX_LAYERS];
-    layer_pointers(widths, num_layers, params, w, b);
+    layer_pointers(widths, num_layers, (float *)args->params, w, b);
     int tile_floats = LOGITS_TILE * max_width(widths, num_layers);
     float *pack = scratch + 2 * tile_floats;
     int last = num_layers - 1, inputs = widths[0], classes = widths[num_layers];
     for (int start = 0; start < n; start += LOGITS_TILE) {
         int rows = n - start < LOGITS_TILE ? n - start : LOGITS_TILE;
-        const float *h = x + (uint32_t)start * (uint32_t)inputs;
+        const float *h = args->x + (uint32_t)start * (uint32_t)inputs;
         float *buf = scratch;
         for (int i = 0; i < last; i++) {
             dense_forward(1, rows, widths[i + 1], widths[i], h, w[i], b[i], buf, pack);
