@@ -33,6 +33,9 @@ from .strategy import ServerSGD
 
 log = logging.getLogger(__name__)
 
+#: Seconds between status messages while counters change within a round.
+STATUS_INTERVAL_S = 5.0
+
 #: How many recently accepted (device, update id) pairs are remembered for de-duplication.
 DEDUP_WINDOW = 200_000
 
@@ -51,6 +54,8 @@ class Aggregator:
         self._started = time.time()
         self._stop: asyncio.Event | None = None
         self._deadline_warned = False
+        self._status_published_at = 0.0
+        self._status_counters: Counter[str] = Counter()
         self.model, self.model_payload = self._load_or_create_model()
         self.journal = UpdateJournal(config.state_dir / "journal")
         self.round = self._open_round()
@@ -192,6 +197,8 @@ class Aggregator:
         log.info("aggregator stopped at v%d; counters %s", self.model.version, dict(self.counters))
 
     async def _publish_status(self, client: aiomqtt.Client) -> None:
+        self._status_published_at = time.time()
+        self._status_counters = self.counters.copy()
         await client.publish(topics.aggregator_status_topic(self.config.fleet), self.status().encode(), qos=1, retain=True)
 
     async def _consume(self, client: aiomqtt.Client) -> None:
@@ -227,6 +234,8 @@ class Aggregator:
                     self._deadline_warned = True
                     log.warning("round for v%d passed its deadline with %d of min_updates=%d; waiting for more",
                                 self.model.version, self.round.count, self.config.policy.min_updates)
+                if now - self._status_published_at >= STATUS_INTERVAL_S and self.counters != self._status_counters:
+                    await self._publish_status(client)  # live counters between rounds too
 
     # -- the sans-IO steps the shell calls -------------------------------------------------------
 
