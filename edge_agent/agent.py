@@ -55,8 +55,16 @@ class Agent:
         self.outbox = Outbox(self.state_dir / "outbox")
         self._dataset = dataset
         self.model: ModelMessage | None = None
-        self.backend: Backend = load_backend(config.backend, wasm_module=config.wasm_module)
         self.detail = ""
+        self.backend: Backend | None = None
+        self._backend_error = ""
+        try:
+            self.backend = load_backend(config.backend, wasm_module=config.wasm_module)
+        except BackendError as exc:
+            # keep running: serve the installed model, stay visible, say what is wrong on the status topic
+            self._backend_error = f"backend {config.backend} unavailable: {exc}"
+            self.detail = self._backend_error
+            log.error("%s: %s", config.device_id, self.detail)
         self._status_dirty = asyncio.Event()
         self._artifact_arrived = asyncio.Event()
         self._embedded: tuple[str, np.ndarray] | None = None  # (backbone sha256, embedded local x)
@@ -185,12 +193,14 @@ class Agent:
     def status(self, state: str = "online") -> DeviceStatus:
         return DeviceStatus(
             device=self.device, state=state, model_version=self.model_version, software=__version__,  # type: ignore[arg-type]
-            platform=platform_string(), backend=self.backend.name, since=self._since, detail=self.detail,
+            platform=platform_string(), backend=self.backend.name if self.backend else self.config.backend, since=self._since, detail=self.detail,
             counters={k: float(v) for k, v in sorted(self.counters.items())},
         )
 
     def train_once(self, model: ModelMessage) -> tuple[UpdateMessage, bytes]:
         """Train on local data from ``model`` and build the update (blocking: run it in a thread)."""
+        if self.backend is None:
+            raise BackendError(self._backend_error)
         raw_x, y = self.dataset()
         x = self.features(model, raw_x)
         if x.shape[1] != model.arch.inputs or int(y.max()) >= model.arch.classes:

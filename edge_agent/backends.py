@@ -62,13 +62,14 @@ class NumpyBackend:
 _REGISTRY: dict[str, tuple[str, str]] = {
     "numpy": (__name__, "NumpyBackend"),
     "onnx": ("fedmq.edge_agent.onnx_backend", "OnnxBackend"),
+    "wasm": ("fedmq.edge_agent.wasm_backend", "WasmBackend"),
 }
 
 BACKEND_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
 #: "auto" picks the first of these whose dependencies import (fastest first, see bench/edge_backends.py).
-AUTO_ORDER: tuple[str, ...] = ("onnx", "numpy")
+AUTO_ORDER: tuple[str, ...] = ("onnx", "wasm", "numpy")
 
 
 def load_backend(name: str, *, wasm_module: Path | None = None) -> Backend:

@@ -34,12 +34,13 @@ log = logging.getLogger(__name__)
 KERNEL_PATH = Path(__file__).parent / "wasm" / "kernel.wasm"
 DEFAULT_MEMORY_CAP = 256 << 20
 WASM_PAGE = 65536
+MAX_MEMORY = 1 << 32      # a wasm32 memory addresses at most 4 GiB
 
 # Fuel budgets, in wasm instructions. Measured on the shipped kernel (fuel counts instructions, so
 # it does not depend on the machine): about 2 per multiply-add on wide layers, up to about 3 per
 # weight per batch for packing (batch size 1), ~100-600 per activation value and ~700-8000 per
 # batch and layer on tiny layers. Over 17 shapes from 1-wide to 4096-wide, batch 1 to 1000, the
-# budget was at least 4.4x what the kernel used. An endless loop burns ~1.2e9 fuel/s, so it stops
+# budget was at least 5x what the kernel used (tests/test_wasm_backend.py keeps 3x). An endless loop burns ~1.2e9 fuel/s, so it stops
 # after budget / 1.2e9 seconds: ~0.4 s for an epoch of the digits MLP (1437 examples), ~2 s per
 # 300 examples of 784-256-128-10.
 FUEL_PER_MAC = 8          # per multiply-add of the call (3 products per layer when training, 1 for logits)
@@ -158,7 +159,8 @@ class _Sandbox:
             raise self._trap_error("instantiation", exc) from None
         except wasmtime.WasmtimeError as exc:
             # typically a declared minimum memory above the cap
-            raise WasmSandboxError(f"wasm module failed to instantiate: {exc}", reason=SandboxReason.MEMORY) from None
+            reason = SandboxReason.MEMORY if "memory" in str(exc) else SandboxReason.INVALID
+            raise WasmSandboxError(f"wasm module failed to instantiate: {exc}", reason=reason) from None
         exports = instance.exports(self.store)
         self.memory: wasmtime.Memory = exports["memory"]
         self.funcs: dict[str, wasmtime.Func] = {name: exports[name] for name in KERNEL_EXPORTS}
@@ -280,8 +282,9 @@ class WasmBackend:
                  memory_cap_bytes: int = DEFAULT_MEMORY_CAP) -> None:
         if fuel_per_call is not None and fuel_per_call <= 0:
             raise ValueError(f"fuel_per_call must be positive, got {fuel_per_call}")
-        if memory_cap_bytes < WASM_PAGE:
-            raise ValueError(f"memory_cap_bytes must be at least one wasm page ({WASM_PAGE}), got {memory_cap_bytes}")
+        if not WASM_PAGE <= memory_cap_bytes <= MAX_MEMORY:
+            raise ValueError(f"memory_cap_bytes must be from {WASM_PAGE} (one page) to {MAX_MEMORY} (wasm32), "
+                             f"got {memory_cap_bytes}")
         self.module_path = Path(module_path) if module_path is not None else KERNEL_PATH
         self.fuel_per_call = fuel_per_call
         self.memory_cap_bytes = memory_cap_bytes
@@ -306,7 +309,7 @@ class WasmBackend:
         """Same contract and same batches as :func:`training.train`; one Wasm call per epoch."""
         model = _Model.pack(params, arch)
         x = np.ascontiguousarray(x, dtype=np.float32)
-        y = np.asarray(y)
+        y = np.asarray(y, dtype=np.int64)
         n = len(x)
         if x.ndim != 2 or x.shape[1] != arch.inputs:
             raise BackendError(f"x has shape {x.shape}; the architecture needs (n, {arch.inputs})")
@@ -329,12 +332,13 @@ class WasmBackend:
         at_x = layout.take(x.nbytes)
         at_y = layout.take(4 * n)
         at_order = layout.take(4 * n)
-        scratch_floats = model.train_scratch_floats(batch_size)
+        rows = min(batch_size, n)                      # a batch larger than the data is all of it
+        scratch_floats = model.train_scratch_floats(rows)
         at_scratch = layout.take(4 * scratch_floats)
         sandbox.reserve(layout.end, f"training on {n} examples with widths {arch.widths}")
-        args = np.array([at_widths, model.num_layers, at_params, at_x, at_y, at_order, n, batch_size, 0, at_scratch,
-                         scratch_floats, at_out], dtype=np.int32)
-        args[8] = np.float32(lr).view(np.int32)       # struct train_args.lr is a float32
+        args = np.array([at_widths, model.num_layers, at_params, at_x, at_y, at_order, n, rows, 0, at_scratch,
+                         scratch_floats, at_out], dtype=np.uint32)
+        args[8] = np.float32(lr).view(np.uint32)      # struct train_args.lr is a float32
         mem = sandbox.view()
         _place(mem, at_args, args)
         _place(mem, at_widths, model.widths)
@@ -384,7 +388,7 @@ class WasmBackend:
             rows = min(chunk, n - start)
             mem = sandbox.view()
             _place(mem, at_args, np.array([at_widths, model.num_layers, at_params, at_x, rows, at_scratch, scratch_floats,
-                                           at_out], dtype=np.int32))
+                                           at_out], dtype=np.uint32))
             _place(mem, at_x, x[start:start + rows])
             sandbox.call("logits", at_args, _fuel_budget(model, rows, LOGITS_TILE, products=1))
             result[start:start + rows] = _read(sandbox.view(), at_out, np.float32, rows * arch.classes).reshape(rows, -1)

@@ -206,6 +206,8 @@ async def _run_fleet(opts: DemoOptions, settings: BrokerSettings, arch: MLPArchi
                     return
 
     started = time.monotonic()
+    if agents[0].backend is None:
+        raise DemoError(agents[0].detail)
     say(f"agents train with the {agents[0].backend.name} backend")
     say(HEADER)
     observer_task = asyncio.create_task(observe(), name="observer")

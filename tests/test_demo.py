@@ -39,24 +39,41 @@ def test_digits_split_is_stratified_and_disjoint() -> None:
     assert sum(row.tobytes() in train_rows for row in x_test) < len(y_test) * 0.05  # digits has a few duplicates
 
 
-@pytest.mark.slow
-@pytest.mark.asyncio
-@pytest.mark.parametrize("broker", ["mosquitto", "amqtt"])
-async def test_demo_defaults_reach_095(broker: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    if broker == "mosquitto":
-        request.getfixturevalue("require_mosquitto")  # fail, not fall back, when it is missing
-    lines: list[str] = []
-    rows = await run_demo(DemoOptions(prefer_broker=broker, report=tmp_path / "r.json"), say=lines.append)
-    assert f"broker: {broker}" in lines[0]
+def check_demo_rows(rows: list, report_path: Path) -> None:
     assert [r.version for r in rows] == list(range(1, 22))
     assert rows[-1].accuracy >= 0.95, rows[-1]
     assert rows[0].accuracy < 0.3, "the initial model is untrained"
     assert all(r.updates == 10 for r in rows[1:])
-    report = json.loads((tmp_path / "r.json").read_text())
+    report = json.loads(report_path.read_text())
     assert [entry["version"] for entry in report] == list(range(1, 22))
     assert set(report[0]) == {"version", "accuracy", "loss", "updates", "bytes_up", "bytes_down", "seconds"}
     assert report[-1]["accuracy"] == pytest.approx(rows[-1].accuracy, abs=1e-4)
     assert report[1]["bytes_up"] > 0 and report[1]["bytes_down"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_demo_defaults_on_the_embedded_broker_reach_095(tmp_path: Path) -> None:
+    lines: list[str] = []
+    rows = await run_demo(DemoOptions(prefer_broker="amqtt", report=tmp_path / "r.json"), say=lines.append)
+    assert "broker: amqtt" in lines[0]
+    check_demo_rows(rows, tmp_path / "r.json")
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_demo_on_mosquitto_every_backend_reaches_numpys_accuracy(require_mosquitto: str, tmp_path: Path) -> None:
+    """Defaults on Mosquitto with each backend: >= 0.95, and within 1 point of the numpy reference."""
+    final = {}
+    for backend in ("numpy", "onnx", "wasm"):
+        lines: list[str] = []
+        report = tmp_path / f"{backend}.json"
+        rows = await run_demo(DemoOptions(prefer_broker="mosquitto", backend=backend, report=report), say=lines.append)
+        assert "broker: mosquitto" in lines[0] and f"the {backend} backend" in lines[1]
+        check_demo_rows(rows, report)
+        final[backend] = rows[-1].accuracy
+    assert abs(final["onnx"] - final["numpy"]) <= 0.01, final
+    assert abs(final["wasm"] - final["numpy"]) <= 0.01, final
 
 
 def test_demo_cli_against_an_existing_broker(mqtt_broker: BrokerSettings, tmp_path: Path) -> None:

@@ -103,38 +103,20 @@ static float log_f32(float xf) {
  *   EPI_MASK       C = acc * (mask[i][j] > 0)          (mask has C's layout)
  *   EPI_SGD        C -= lr * acc                       (C is the weight matrix itself)
  * The accumulator starts at zero and the bias is added after the sum, as numpy's h @ W + b does.
- * No fused multiply-add: f32x4 mul then add rounds like numpy's float32 arithmetic, and Cranelift
- * gave the relaxed-SIMD madd no speed here.
+ * No fused multiply-add: f32x4 mul then add keeps the kernel deterministic across machines, and
+ * the relaxed-SIMD madd measured slower under Cranelift (it adds register moves).
  *
- * Blocking: B is copied panel by panel (k x 8 columns) into a contiguous buffer, then 4-row tiles
- * of C are accumulated in 8 registers while the panel stays in L1. Packing also turns a transposed
- * B into a plain one (no separate transpose pass) and avoids the cache-set conflicts of walking a
- * column panel of a matrix whose rows are a power-of-two bytes apart. */
+ * Blocking: B is copied into a contiguous buffer in panels of k x 8 columns, and 4-row tiles of C
+ * are accumulated in 8 registers. Packing also turns a transposed B into a plain one (no separate
+ * transpose pass) and avoids the cache-set conflicts of walking a column panel of a matrix whose
+ * rows are a power-of-two bytes apart. gemm (forward, backward) walks panels outer so a panel is
+ * reused by every row tile; gemm_rows (weight update, k = batch rows) packs all of B and walks
+ * rows outer so the weight matrix is read and written once, in order. */
 
-#ifndef MR
 #define MR 4                   /* rows per tile */
-#endif
 #define NR 8                   /* columns per panel: two f32x4 vectors */
-#ifndef KC
-#define KC 256                 /* steps of k per chunk of a panel: 8 KB packed */
-#endif
-#ifndef USE_BARRIER
-#define BARRIER()
-#else
-#define BARRIER() __asm__ volatile("" ::: "memory");
-#endif
-#ifndef ONE_STEP
-#define ONE_STEP 0
-#endif
-#ifndef RELOAD
-#define RELOAD 0
-#endif
 #define LANE(v, q) wasm_i32x4_shuffle(v, v, q, q, q, q)
-#ifdef USE_FMA
-#define MADD(acc, x, y) wasm_f32x4_relaxed_madd(x, y, acc)
-#else
 #define MADD(acc, x, y) wasm_f32x4_add(acc, wasm_f32x4_mul(x, y))
-#endif
 
 INLINE v128_t epi_vec(int epi, v128_t acc, const float *c, const float *bias, const float *mask, float lr) {
     switch (epi) {
@@ -207,16 +189,14 @@ INLINE void pack_panel(int V, int k, const float *b, int bps, int bjs, int j0, f
  * of A at once and broadcasting lanes costs one shuffle each, and unrolling four steps of p
  * amortises the register moves Cranelift inserts at every back edge. */
 INLINE void tile_vec(int epi, int R, int V, int i0, int j0, int k, const float *a, int ais, int aps,
-                     const float *bp, float *c, int ldc, const float *bias, const float *mask, float lr,
-                     int resume, int partial) {
+                     const float *bp, float *c, int ldc, const float *bias, const float *mask, float lr) {
     const int ldb = 4 * V;
     v128_t acc[MR][2];
     for (int r = 0; r < R; r++)
-        for (int v = 0; v < V; v++)
-            acc[r][v] = resume ? wasm_v128_load(c + (i0 + r) * ldc + j0 + 4 * v) : wasm_f32x4_splat(0.0f);
+        for (int v = 0; v < V; v++) acc[r][v] = wasm_f32x4_splat(0.0f);
     const float *ap = a + i0 * ais;
     int p = 0;
-    if (aps == 1 && !ONE_STEP) {                            /* rows of A contiguous: A(r, p..p+3) in one load */
+    if (aps == 1) {                            /* rows of A contiguous: A(r, p..p+3) in one load */
         for (; p + 4 <= k; p += 4) {
             v128_t av[MR];
             for (int r = 0; r < R; r++) av[r] = wasm_v128_load(ap + r * ais + p);
@@ -225,33 +205,32 @@ INLINE void tile_vec(int epi, int R, int V, int i0, int j0, int k, const float *
                 v128_t bv[2];                                                             \
                 for (int v = 0; v < V; v++) bv[v] = wasm_v128_load(bp + (q) * ldb + 4 * v); \
                 for (int r = 0; r < R; r++) {                                             \
-                    v128_t x = LANE(RELOAD ? wasm_v128_load(ap + r * ais + p) : av[r], q);  \
+                    v128_t x = LANE(av[r], q);                                            \
                     for (int v = 0; v < V; v++) acc[r][v] = MADD(acc[r][v], x, bv[v]);    \
                 }                                                                         \
             }
-            STEP_ROWS(0) BARRIER() STEP_ROWS(1) BARRIER() STEP_ROWS(2) BARRIER() STEP_ROWS(3) BARRIER()
+            STEP_ROWS(0) STEP_ROWS(1) STEP_ROWS(2) STEP_ROWS(3)
 #undef STEP_ROWS
             bp += 4 * ldb;
         }
         ap += p;
-    } else if (ais == 1 && R == MR && MR == 4 && !ONE_STEP) {          /* columns of A contiguous: A(0..3, p) in one load */
+    } else if (ais == 1 && R == MR) {          /* columns of A contiguous: A(0..3, p) in one load */
         for (; p + 4 <= k; p += 4) {
 #define STEP_COLS(q)                                                                      \
             {                                                                             \
                 v128_t av = wasm_v128_load(ap + (q) * aps);                               \
-                v128_t xs[4] = {LANE(av, 0), LANE(av, 1), LANE(av, 2), LANE(av, 3)};     \
+                v128_t xs[MR] = {LANE(av, 0), LANE(av, 1), LANE(av, 2), LANE(av, 3)};    \
                 v128_t bv[2];                                                             \
                 for (int v = 0; v < V; v++) bv[v] = wasm_v128_load(bp + (q) * ldb + 4 * v); \
-                for (int r = 0; r < 4; r++)                                               \
+                for (int r = 0; r < MR; r++)                                              \
                     for (int v = 0; v < V; v++) acc[r][v] = MADD(acc[r][v], xs[r], bv[v]); \
             }
-            STEP_COLS(0) BARRIER() STEP_COLS(1) BARRIER() STEP_COLS(2) BARRIER() STEP_COLS(3) BARRIER()
+            STEP_COLS(0) STEP_COLS(1) STEP_COLS(2) STEP_COLS(3)
 #undef STEP_COLS
             ap += 4 * aps;
             bp += 4 * ldb;
         }
     }
-#pragma clang loop unroll(disable)
     for (; p < k; p++) {
         v128_t bv[2];
         for (int v = 0; v < V; v++) bv[v] = wasm_v128_load(bp + 4 * v);
@@ -265,7 +244,7 @@ INLINE void tile_vec(int epi, int R, int V, int i0, int j0, int k, const float *
     for (int r = 0; r < R; r++) {
         for (int v = 0; v < V; v++) {
             int j = j0 + 4 * v, at = (i0 + r) * ldc + j;
-            wasm_v128_store(c + at, partial ? acc[r][v] : epi_vec(epi, acc[r][v], c + at, bias + j, mask + at, lr));
+            wasm_v128_store(c + at, epi_vec(epi, acc[r][v], c + at, bias + j, mask + at, lr));
         }
     }
 }
@@ -290,20 +269,12 @@ INLINE void tile_col(int epi, int R, int i0, int j, int k, const float *a, int a
     }
 }
 
-/* Columns j..j+4V-1 of C, in chunks of KC steps of k so that the packed chunk of the panel and the
- * rows of A it meets stay in L1; between chunks C holds the running sums (same order of additions
- * as one pass). Not for EPI_SGD, whose C is the weight matrix. */
 INLINE void panel(int epi, int V, int j, int m, int k, const float *a, int ais, int aps, const float *b, int bps,
                   int bjs, float *c, int ldc, const float *bias, const float *mask, float lr, float *pack) {
-    for (int p0 = 0; p0 < k; p0 += KC) {
-        int kc = k - p0 < KC ? k - p0 : KC, resume = p0 > 0, partial = p0 + kc < k;
-        const float *ak = a + p0 * aps;
-        pack_panel(V, kc, b + p0 * bps, bps, bjs, j, pack);
-        int i = 0;
-        for (; i + MR <= m; i += MR)
-            tile_vec(epi, MR, V, i, j, kc, ak, ais, aps, pack, c, ldc, bias, mask, lr, resume, partial);
-        for (; i < m; i++) tile_vec(epi, 1, V, i, j, kc, ak, ais, aps, pack, c, ldc, bias, mask, lr, resume, partial);
-    }
+    pack_panel(V, k, b, bps, bjs, j, pack);
+    int i = 0;
+    for (; i + MR <= m; i += MR) tile_vec(epi, MR, V, i, j, k, a, ais, aps, pack, c, ldc, bias, mask, lr);
+    for (; i < m; i++) tile_vec(epi, 1, V, i, j, k, a, ais, aps, pack, c, ldc, bias, mask, lr);
 }
 
 /* Column panels outer, row tiles inner: each packed panel (k x NR) is reused by every row tile.
@@ -333,13 +304,13 @@ INLINE void gemm_rows(int epi, int m, int n, int k, const float *a, int ais, int
     if (n4 > n8) pack_panel(1, k, b, bps, bjs, n8, pack + n8 * k);
     int i = 0;
     for (; i + MR <= m; i += MR) {
-        for (int j = 0; j < n8; j += NR) tile_vec(epi, MR, 2, i, j, k, a, ais, aps, pack + j * k, c, ldc, bias, mask, lr, 0, 0);
-        if (n4 > n8) tile_vec(epi, MR, 1, i, n8, k, a, ais, aps, pack + n8 * k, c, ldc, bias, mask, lr, 0, 0);
+        for (int j = 0; j < n8; j += NR) tile_vec(epi, MR, 2, i, j, k, a, ais, aps, pack + j * k, c, ldc, bias, mask, lr);
+        if (n4 > n8) tile_vec(epi, MR, 1, i, n8, k, a, ais, aps, pack + n8 * k, c, ldc, bias, mask, lr);
         for (int j = n4; j < n; j++) tile_col(epi, MR, i, j, k, a, ais, aps, b, bps, bjs, c, ldc, bias, mask, lr);
     }
     for (; i < m; i++) {
-        for (int j = 0; j < n8; j += NR) tile_vec(epi, 1, 2, i, j, k, a, ais, aps, pack + j * k, c, ldc, bias, mask, lr, 0, 0);
-        if (n4 > n8) tile_vec(epi, 1, 1, i, n8, k, a, ais, aps, pack + n8 * k, c, ldc, bias, mask, lr, 0, 0);
+        for (int j = 0; j < n8; j += NR) tile_vec(epi, 1, 2, i, j, k, a, ais, aps, pack + j * k, c, ldc, bias, mask, lr);
+        if (n4 > n8) tile_vec(epi, 1, 1, i, n8, k, a, ais, aps, pack + n8 * k, c, ldc, bias, mask, lr);
         for (int j = n4; j < n; j++) tile_col(epi, 1, i, j, k, a, ais, aps, b, bps, bjs, c, ldc, bias, mask, lr);
     }
 }
