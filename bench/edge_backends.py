@@ -30,8 +30,10 @@ CASES = {
     "mlp 784-256-128-10": (MLPArchitecture(784, (256, 128), 10), 2000),
 }
 
+# VmHWM (this process's own peak), not ru_maxrss: Linux carries the parent's peak into ru_maxrss
+# across fork + exec, so every child would report at least the benchmark's own size.
 RSS_SCRIPT = """
-import resource, sys, numpy as np
+import sys, numpy as np
 from fedmq.broker.architecture import MLPArchitecture
 from fedmq.edge_agent.backends import load_backend
 arch = MLPArchitecture(784, (256, 128), 10)
@@ -40,7 +42,7 @@ x = rng.random((2000, 784), dtype=np.float32); y = rng.integers(0, 10, 2000)
 backend = load_backend(sys.argv[1])
 backend.train(arch.init_params(0), arch, x, y, epochs=1, batch_size=16, lr=0.05, seed=0)
 backend.logits(arch.init_params(0), arch, x)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """
 
 
