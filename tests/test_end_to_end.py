@@ -156,3 +156,33 @@ async def test_agent_sigterm_is_graceful(mqtt_broker: BrokerSettings, fleet: str
     finally:
         proc.kill()
         proc.wait(timeout=WAIT)
+
+
+@pytest.mark.asyncio
+async def test_aggregator_sigterm_is_graceful(mqtt_broker: BrokerSettings, fleet: str, tmp_path: Path) -> None:
+    """SIGTERM: the aggregator publishes its offline status with its counters and exits 0."""
+    config = tmp_path / "aggregator.toml"
+    config.write_text(
+        f'fleet = "{fleet}"\nstate_dir = "{tmp_path / "state"}"\nclient_id = "{fleet}-agg"\n'
+        f'[broker]\nurl = "mqtt://{mqtt_broker.host}:{mqtt_broker.port}"\n[model]\ninputs = 4\nhidden = [3]\nclasses = 2\n'
+    )
+    with (tmp_path / "aggregator.log").open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "fedmq.cli", "--log-level", "info", "aggregator", "--config",
+                                 str(config)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        async with asyncio.timeout(20):
+            while True:
+                status = decode_message(await retained(mqtt_broker, topics.aggregator_status_topic(fleet)),
+                                        max_bytes=1 << 16, expect=AggregatorStatus)
+                if status.state == "online":
+                    break
+                await asyncio.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=WAIT) == 0
+        status = decode_message(await retained(mqtt_broker, topics.aggregator_status_topic(fleet)),
+                                max_bytes=1 << 16, expect=AggregatorStatus)
+        assert status.state == "offline" and status.model_version == 1
+        assert "shutting down" in (tmp_path / "aggregator.log").read_text()
+    finally:
+        proc.kill()
+        proc.wait(timeout=WAIT)
