@@ -22,7 +22,7 @@ from fedmq.broker import topics
 from fedmq.broker.errors import ConfigError, Reason, RejectedMessage
 from fedmq.broker.files import write_atomic
 from fedmq.broker.messages import AggregatorStatus, BackboneRef, ModelMessage, Receipt, decode_message
-from fedmq.broker.session import cancel_tasks, run_connected
+from fedmq.broker.session import cancel_tasks, raise_first_failure, run_connected
 
 from .config import AggregatorConfig
 from .intake import check_update, decode_update
@@ -32,6 +32,9 @@ from .rounds import SyncRound
 from .strategy import ServerSGD
 
 log = logging.getLogger(__name__)
+
+#: Seconds to wait for the broker's PUBACK of a receipt before treating the connection as dead.
+RECEIPT_TIMEOUT_S = 3.0
 
 #: Seconds between status messages while counters change within a round.
 STATUS_INTERVAL_S = 5.0
@@ -154,9 +157,6 @@ class Aggregator:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Serve until ``stop`` is set (or ``max_rounds`` rounds are done), then publish offline."""
         self._stop = stop = stop or asyncio.Event()
-        if self.done:
-            log.info("max_rounds (%d) already reached at v%d; nothing to do", self.config.max_rounds, self.model.version)
-            return
         fleet = self.config.fleet
         offline = AggregatorStatus(state="offline", model_version=0, software=__version__).encode()
         try:
@@ -179,18 +179,23 @@ class Aggregator:
                                  self.artifact_payload(self.model.backbone), qos=1, retain=True)
         await client.publish(topics.model_topic(fleet), self.model_payload, qos=1, retain=True)
         await self._publish_status(client)
+        if self.done:
+            # max_rounds reached (perhaps before a crash that came between storing and publishing
+            # the last version): the model is out now; take no more updates, answer none
+            log.info("max_rounds (%d) reached at v%d; stopping", self.config.max_rounds, self.model.version)
+            self._stop.set()
+            await client.publish(topics.aggregator_status_topic(fleet), self.status("offline").encode(), qos=1, retain=True)
+            return
         tasks = [
             asyncio.create_task(self._consume(client), name="consume"),
             asyncio.create_task(self._watch_deadline(client), name="deadline"),
             asyncio.create_task(self._stop.wait(), name="stop"),
         ]
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             await cancel_tasks(tasks)
-        for task in done:
-            if task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+        raise_first_failure(tasks)
         # graceful stop: say so before the connection closes (the Will covers crashes only)
         async with self._lock:
             await client.publish(topics.aggregator_status_topic(fleet), self.status("offline").encode(), qos=1, retain=True)
@@ -215,7 +220,10 @@ class Aggregator:
             async with self._lock:
                 receipt = self.ingest(parsed.device, payload)
                 if receipt is not None:
-                    await client.publish(topics.receipt_topic(self.config.fleet, parsed.device), receipt.encode(), qos=1)
+                    # a short PUBACK timeout: a dead broker must end the session now, not after
+                    # the client's connect timeout (the update is journaled; the device re-sends)
+                    await client.publish(topics.receipt_topic(self.config.fleet, parsed.device), receipt.encode(), qos=1,
+                                         timeout=RECEIPT_TIMEOUT_S)
                 if self.round.ready(time.time()):
                     await self._close_round(client)
 
@@ -312,6 +320,8 @@ class Aggregator:
 
     async def _close_round(self, client: aiomqtt.Client) -> None:
         self.close_round()
+        # if this publish fails, the next session publishes the stored version first (and stops
+        # there when max_rounds is reached): the version is never lost nor made twice
         await client.publish(topics.model_topic(self.config.fleet), self.model_payload, qos=1, retain=True)
         await self._publish_status(client)
         if self.done and self._stop is not None:

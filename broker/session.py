@@ -64,6 +64,16 @@ async def cancel_tasks(tasks: Iterable[asyncio.Task[Any]], *, retry_every: float
         _, pending = await asyncio.wait(pending, timeout=retry_every)
 
 
+def raise_first_failure(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Re-raise the first exception among finished ``tasks``, after reading every one of them
+    (an exception nobody reads is printed as "Task exception was never retrieved" at exit)."""
+    failures = [t.exception() for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+    for extra in failures[1:]:
+        log.debug("also failed: %r", extra)
+    if failures:
+        raise failures[0]  # type: ignore[misc]
+
+
 Session = Callable[[aiomqtt.Client, str], Awaitable[None]]
 
 

@@ -26,7 +26,7 @@ from fedmq.broker.codecs import CODECS, get_codec
 from fedmq.broker.errors import Reason, RejectedMessage
 from fedmq.broker.files import write_atomic
 from fedmq.broker.messages import BackboneRef, DeviceStatus, ModelMessage, Receipt, UpdateMessage, decode_message
-from fedmq.broker.session import cancel_tasks, run_connected
+from fedmq.broker.session import cancel_tasks, raise_first_failure, run_connected
 
 from .backends import Backend, BackendError, load_backend
 from .config import AgentConfig
@@ -251,13 +251,11 @@ class Agent:
         status = asyncio.create_task(self._publish_status_changes(client), name=f"{self.device}-status")
         tasks = [sender, stop_wait, consume, status]
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             self._client = None
             await cancel_tasks(tasks)
-        for task in done:
-            if task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+        raise_first_failure(tasks)
         await client.publish(topics.status_topic(fleet, self.device), self.status("offline").encode(), qos=1, retain=True)
 
     async def _fetch_artifact_if_missing(self, client: aiomqtt.Client) -> None:

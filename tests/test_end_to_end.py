@@ -186,3 +186,29 @@ async def test_aggregator_sigterm_is_graceful(mqtt_broker: BrokerSettings, fleet
     finally:
         proc.kill()
         proc.wait(timeout=WAIT)
+
+
+@pytest.mark.asyncio
+async def test_restart_after_the_last_round_publishes_it_and_stops(mqtt_broker: BrokerSettings, fleet: str,
+                                                                   tmp_path: Path) -> None:
+    """A crash between storing the last version and publishing it: the restarted aggregator
+    publishes that version, takes no more updates, and stops."""
+    arch = MLPArchitecture(4, (3,), 2)
+    config = AggregatorConfig(fleet=fleet, state_dir=tmp_path, broker=mqtt_broker, client_id=f"{fleet}-agg", arch=arch,
+                              policy=RoundPolicy(1, 1), max_rounds=1)
+    crashed = Aggregator(config)
+    delta = {k: np.full(s, 0.25, np.float32) for k, s in arch.param_shapes().items()}
+    from fedmq.broker.messages import UpdateMessage
+    crashed.ingest("d1", UpdateMessage("d1", "u1", 1, 5, "fp32", delta).encode())
+    crashed.close_round()  # stored as v2, never published: the process "dies" here
+    crashed.registry.close()
+
+    restarted = Aggregator(config)
+    async with asyncio.timeout(20):
+        await restarted.run()
+    model = decode_message(await retained(mqtt_broker, topics.model_topic(fleet)), max_bytes=1 << 20, expect=ModelMessage)
+    assert model.version == 2
+    status = decode_message(await retained(mqtt_broker, topics.aggregator_status_topic(fleet)), max_bytes=1 << 16,
+                            expect=AggregatorStatus)
+    assert status.state == "offline" and status.model_version == 2
+    assert [r.version for r in ModelRegistry(tmp_path).versions()] == [1, 2]

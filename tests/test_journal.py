@@ -127,3 +127,4 @@ def test_truncated_journal_at_any_point_loses_only_the_unfinished_record(tmp_pat
     resumed = aggregator(tmp_path)
     assert resumed.round.count == 1
     assert resumed.ingest("b", update("b", "ub")).status == "accepted", "b never got a receipt: it counts now"
+
