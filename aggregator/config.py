@@ -33,6 +33,8 @@ class AggregatorConfig:
     server_lr: float = 1.0
     max_rounds: int = 0                 # stop after the registry holds 1 + max_rounds versions; 0 = run forever
     max_update_bytes: int = DEFAULT_MAX_UPDATE_BYTES
+    signing_key: Path | None = None     # Ed25519 private key (PEM): models are signed when set
+    next_public_key: Path | None = None # announce this public key (PEM) in every model: key rotation
 
     def __post_init__(self) -> None:
         for key, value in (("fleet", self.fleet), ("client_id", self.client_id)):
@@ -84,11 +86,14 @@ class AggregatorConfig:
             lim = top.section("limits")
             max_update_bytes = lim.get("max_update_bytes", int, DEFAULT_MAX_UPDATE_BYTES,
                                        check=lambda v: 1024 <= v <= 256 * 1024 * 1024, expect="1 KiB to 256 MiB")
+            sig = top.section("signing")
+            signing_key = Path(k) if (k := sig.get("key_file", str, None)) else None
+            next_public_key = Path(k) if (k := sig.get("next_public_key_file", str, None)) else None
             top.finish()
             fields: dict[str, Any] = dict(
                 fleet=fleet, state_dir=state_dir, broker=broker, client_id=client_id, arch=arch, seed=seed, backbone=backbone,
                 task=task, policy=policy, server_lr=server_lr, max_rounds=max_rounds,
-                max_update_bytes=max_update_bytes,
+                max_update_bytes=max_update_bytes, signing_key=signing_key, next_public_key=next_public_key,
             )
             fields.update(overrides)
             return cls(**fields)

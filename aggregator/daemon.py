@@ -12,6 +12,7 @@ import hashlib
 import logging
 import time
 from collections import Counter, OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from fedmq.broker.errors import ConfigError, Reason, RejectedMessage
 from fedmq.broker.files import write_atomic
 from fedmq.broker.messages import AggregatorStatus, BackboneRef, ModelMessage, Receipt, decode_message
 from fedmq.broker.session import cancel_tasks, raise_first_failure, run_connected
+from fedmq.broker.signing import SigningKey, load_public_key
 
 from .config import AggregatorConfig
 from .intake import check_update, decode_update
@@ -59,6 +61,8 @@ class Aggregator:
         self._deadline_warned = False
         self._status_published_at = 0.0
         self._status_counters: Counter[str] = Counter()
+        self.signer = SigningKey.from_file(config.signing_key) if config.signing_key else None
+        self.next_key = load_public_key(config.next_public_key) if config.next_public_key else None
         self.model, self.model_payload = self._load_or_create_model()
         self.journal = UpdateJournal(config.state_dir / "journal")
         self.round = self._open_round()
@@ -73,8 +77,9 @@ class Aggregator:
             model = ModelMessage(
                 fleet=self.config.fleet, version=1, parent=0, arch=self.config.arch, task=self.config.task,
                 params=self.config.arch.init_params(self.config.seed), created=time.time(), backbone=backbone,
+                next_key=self.next_key,
             )
-            payload = model.encode()
+            payload = model.encode(self.signer)
             self.registry.add(1, 0, payload, {"initial": True, "seed": self.config.seed})
             log.info("created initial model v1 (%s, %d parameters) in %s", self.config.arch.widths,
                      self.config.arch.num_params(), self.config.state_dir)
@@ -92,6 +97,13 @@ class Aggregator:
             log.info("task settings changed; they apply from version %d on", model.version + 1)
         if model.backbone is not None:
             self.artifact_payload(model.backbone)  # fail now, not when the first device asks
+        if self.signer is not None and (model.signed_by is None or model.signed_by[2].get("key") != self.signer.key_id
+                                        or model.next_key != self.next_key):
+            # signing was switched on or the key rotated since this version was stored: publish it
+            # signed with the current key (same version, same weights)
+            model = replace(model, next_key=self.next_key, signed_by=None)
+            payload = model.encode(self.signer)
+            log.info("re-signed stored model v%d with key %s", model.version, self.signer.key_id)
         log.info("resuming from model v%d in %s", model.version, self.config.state_dir)
         return model, payload
 
@@ -302,8 +314,8 @@ class Aggregator:
         version = self.model.version + 1
         model = ModelMessage(fleet=self.config.fleet, version=version, parent=self.model.version,
                              arch=self.config.arch, task=self.config.task, params=params, created=time.time(),
-                             backbone=self.model.backbone)
-        payload = model.encode()
+                             backbone=self.model.backbone, next_key=self.next_key)
+        payload = model.encode(self.signer)
         info: dict[str, Any] = {
             "updates": result.num_updates, "examples": result.num_examples, "bytes_in": result.bytes_in,
             "round_seconds": round(time.time() - self.round.opened_at, 3), **result.metrics,

@@ -205,19 +205,34 @@ class ModelMessage:
     params: Mapping[str, np.ndarray] = field(repr=False)
     created: float = 0.0
     backbone: BackboneRef | None = None
+    next_key: bytes | None = None       # a signed model may announce the fleet's next public key
+    #: (signed bytes, signature, "sig" header) of a decoded signed model, for verification
+    signed_by: tuple[memoryview, bytes, dict[str, Any]] | None = field(default=None, repr=False)
 
-    def encode(self) -> bytes:
-        header = {"kind": self.KIND, "schema": SCHEMA, "fleet": self.fleet, "version": self.version,
-                  "parent": self.parent, "created": self.created, "arch": self.arch.to_wire(),
-                  "task": self.task.to_wire()}
+    def encode(self, signer: Any = None) -> bytes:
+        """The payload; with ``signer`` (a :class:`~.signing.SigningKey`) a signed one."""
+        header: dict[str, Any] = {"kind": self.KIND, "schema": SCHEMA, "fleet": self.fleet, "version": self.version,
+                                  "parent": self.parent, "created": self.created, "arch": self.arch.to_wire(),
+                                  "task": self.task.to_wire()}
         if self.backbone is not None:
             header["backbone"] = self.backbone.to_wire()
-        return encode_frame(header, self.params)
+        if self.next_key is not None:
+            header["next_key"] = self.next_key
+        if signer is None:
+            return encode_frame(header, self.params)
+        header["sig"] = {"alg": "ed25519", "key": signer.key_id}
+        return encode_frame(header, self.params, sign=signer.sign)
 
     @classmethod
     def from_frame(cls, frame: Frame) -> ModelMessage:
         h = frame.header
-        _check_keys(h, cls.KIND, {"fleet", "version", "parent", "created", "arch", "task"}, {"backbone"})
+        _check_keys(h, cls.KIND, {"fleet", "version", "parent", "created", "arch", "task"}, {"backbone", "next_key", "sig"})
+        next_key = h.get("next_key")
+        if next_key is not None and not (isinstance(next_key, bytes) and len(next_key) == 32):
+            raise RejectedMessage(Reason.FIELD, "next_key must be the 32 raw bytes of an Ed25519 public key")
+        sig = h.get("sig")
+        if sig is not None and not (isinstance(sig, dict) and set(sig) == {"alg", "key"}):
+            raise RejectedMessage(Reason.FIELD, "sig must be a map of alg and key")
         version = _int(h, "version", 1, MAX_VERSION)
         parent = _int(h, "parent", 0, version - 1)
         arch = MLPArchitecture.from_wire(_need(h, "arch"))
@@ -241,6 +256,8 @@ class ModelMessage:
             params=frame.tensors,
             created=_float(h, "created", 0.0, 1e11),
             backbone=BackboneRef.from_wire(h["backbone"]) if "backbone" in h else None,
+            next_key=next_key,
+            signed_by=(frame.signed, frame.signature, sig) if sig is not None and frame.signed is not None else None,
         )
 
 

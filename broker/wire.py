@@ -19,7 +19,7 @@ view is taken. Every refusal is a :class:`~.errors.RejectedMessage` with a reaso
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,12 +41,22 @@ MAX_NDIM = 8
 ALIGNMENT = 8
 
 
+#: Length of the signature trailer of a signed frame (Ed25519).
+SIGNATURE_BYTES = 64
+
+
 @dataclass(frozen=True, eq=False, slots=True)
 class Frame:
-    """A decoded frame: the header fields (without ``tensors``) and read-only tensor views."""
+    """A decoded frame: the header fields (without ``tensors``) and read-only tensor views.
+
+    A signed frame (its header has ``sig``) ends with a 64-byte signature over every byte before
+    it; ``signed`` is that part of the payload and ``signature`` the trailer.
+    """
 
     header: dict[str, Any]
     tensors: dict[str, np.ndarray]
+    signed: memoryview | None = None
+    signature: bytes | None = None
 
 
 def dtype_name(dtype: np.dtype) -> str:
@@ -57,11 +67,27 @@ def dtype_name(dtype: np.dtype) -> str:
     return name
 
 
-def encode_frame(header: Mapping[str, Any], tensors: Mapping[str, np.ndarray] | None = None) -> bytes:
-    """Encode ``header`` and ``tensors`` into one payload (see the module docstring)."""
+def encode_frame(header: Mapping[str, Any], tensors: Mapping[str, np.ndarray] | None = None, *,
+                 sign: Callable[[bytes], bytes] | None = None) -> bytes:
+    """Encode ``header`` and ``tensors`` into one payload (see the module docstring).
+
+    With ``sign`` (the header must then carry ``sig``), the payload is followed by
+    ``sign(payload)``, a 64-byte signature over every byte before it.
+    """
     if "tensors" in header:
         raise ValueError("'tensors' is reserved for the tensor descriptors")
-    fields = dict(header)
+    if (sign is None) != ("sig" not in header):
+        raise ValueError("a signed frame needs both a 'sig' header field and a signing function")
+    payload = _encode_unsigned(dict(header), tensors)
+    if sign is None:
+        return payload
+    signature = sign(payload)
+    if len(signature) != SIGNATURE_BYTES:
+        raise ValueError(f"signature must be {SIGNATURE_BYTES} bytes, got {len(signature)}")
+    return payload + signature
+
+
+def _encode_unsigned(fields: dict[str, Any], tensors: Mapping[str, np.ndarray] | None) -> bytes:
     if not tensors:
         return msgpack.packb(fields, use_bin_type=True)
     arrays = []
@@ -135,12 +161,19 @@ def decode_frame(payload: bytes | bytearray | memoryview, *, max_bytes: int) -> 
     if not isinstance(header, dict):
         raise RejectedMessage(Reason.MALFORMED, f"header is a {type(header).__name__}, not a map")
     header_end = unpacker.tell()
+    signed: memoryview | None = None
+    signature: bytes | None = None
+    if "sig" in header:
+        if size - SIGNATURE_BYTES < header_end:
+            raise RejectedMessage(Reason.MALFORMED, "signed frame without its signature trailer")
+        size -= SIGNATURE_BYTES
+        signed, signature = view[:size], bytes(view[size:])
     if "tensors" not in header:
         if header_end != size:
             raise RejectedMessage(Reason.MALFORMED, f"{size - header_end} unexpected bytes after the header")
-        return Frame(header, {})
+        return Frame(header, {}, signed, signature)
     descriptors = header.pop("tensors")
-    return Frame(header, _tensor_views(payload, descriptors, header_end, size))
+    return Frame(header, _tensor_views(payload, descriptors, header_end, size), signed, signature)
 
 
 def _tensor_views(payload: Any, descriptors: Any, header_end: int, size: int) -> dict[str, np.ndarray]:

@@ -27,6 +27,7 @@ from fedmq.broker.errors import Reason, RejectedMessage
 from fedmq.broker.files import write_atomic
 from fedmq.broker.messages import BackboneRef, DeviceStatus, ModelMessage, Receipt, UpdateMessage, decode_message
 from fedmq.broker.session import cancel_tasks, raise_first_failure, run_connected
+from fedmq.broker.signing import TrustStore, key_id, load_public_key
 
 from .backends import Backend, BackendError, load_backend
 from .config import AgentConfig
@@ -37,6 +38,10 @@ from .outbox import Outbox
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.fmq"
+
+
+class AlreadyInstalled(RejectedMessage):
+    """The model is the installed one (the retained copy again after a reconnect): not an error."""
 
 
 def platform_string() -> str:
@@ -53,6 +58,8 @@ class Agent:
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox(self.state_dir / "outbox")
+        self.trust = (TrustStore(self.state_dir / "trust.json", load_public_key(config.fleet_public_key))
+                      if config.fleet_public_key else None)
         self._dataset = dataset
         self.model: ModelMessage | None = None
         self.detail = ""
@@ -110,10 +117,18 @@ class Agent:
         if model.task.codec not in CODECS:
             raise RejectedMessage(Reason.CODEC, f"model v{model.version} asks for codec {model.task.codec!r}, "
                                   f"which this agent does not have (known: {sorted(CODECS)}); upgrade fedmq")
-        if model.version <= self.model_version:
-            raise RejectedMessage(Reason.VERSION, f"model v{model.version} is not newer than the installed v{self.model_version}")
+        if self.trust is not None:
+            self.trust.verify(*(model.signed_by or (None, None, None)))
+        if model.version == self.model_version:
+            raise AlreadyInstalled(Reason.VERSION, f"model v{model.version} is already installed")
+        if model.version < self.model_version:
+            raise RejectedMessage(Reason.VERSION, f"model v{model.version} is older than the installed v{self.model_version}: "
+                                  "rollback refused")
         write_atomic(self.state_dir / MODEL_FILE, payload)
         self.model = model
+        if self.trust is not None and model.next_key is not None and self.trust.trust(model.next_key):
+            log.info("%s: v%d announces the next fleet key %s; trusted from now on", self.device, model.version,
+                     key_id(model.next_key))
         self.counters["models_installed"] += 1
         self._drop_superseded()
         self._export(model)
@@ -297,7 +312,7 @@ class Agent:
         try:
             model = self.install(payload)
         except RejectedMessage as exc:
-            if exc.reason is Reason.VERSION:
+            if isinstance(exc, AlreadyInstalled):
                 log.debug("%s: %s", self.device, exc)  # the retained model again after a reconnect
                 return
             self.counters[f"models_rejected_{exc.reason.value}"] += 1

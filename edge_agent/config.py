@@ -33,6 +33,7 @@ class AgentConfig:
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
     resend_after_s: float = 30.0      # re-publish an update whose receipt has not come after this long
     seed: str | None = None           # shuffling seed for local training; default: the device id
+    fleet_public_key: Path | None = None  # Ed25519 public key (PEM): when set, only signed models install
 
     def __post_init__(self) -> None:
         for key, check, value in (("device_id", check_device, self.device_id),
@@ -63,6 +64,7 @@ class AgentConfig:
                                         check=lambda v: 1024 <= v <= 1 << 30, expect="1 KiB to 1 GiB"),
                 resend_after_s=top.get("resend_after_s", float, 30.0, check=lambda v: v > 0, expect="positive"),
                 seed=top.get("seed", str, None),
+                fleet_public_key=Path(k) if (k := top.get("fleet_public_key", str, None)) else None,
                 broker=BrokerSettings.from_config(top.section("broker")),
             )
             top.finish()

@@ -1,0 +1,423 @@
+"""A small fleet PKI: one CA per fleet, a broker (server) certificate, device and client certificates.
+
+Layout under one directory (what ``deploy/`` and ``fedmq broker config`` expect)::
+
+    ca.pem   ca.key                       the fleet CA (key 0600)
+    server/server.pem  server/server.key  the broker's TLS identity (serverAuth)
+    devices/<device>.pem  devices/<device>.key     one per device (clientAuth, CN = device id)
+    clients/<name>.pem    clients/<name>.key       aggregator and operator identities (clientAuth, CN = name)
+
+Keys are ECDSA P-256, unencrypted PKCS#8 PEM: every OpenSSL that Mosquitto links accepts them for
+TLS, and they are small and fast on a Raspberry Pi. Private keys are written atomically with mode
+0600 from the first byte (never chmod-ed after the fact), certificates 0644.
+
+The broker takes a client's identity from its certificate: with Mosquitto's
+``require_certificate true`` and ``use_identity_as_username true`` the MQTT username is the
+certificate's CN, which is why a device certificate's CN is the device id (= MQTT client id =
+the ``{device}`` topic level). A device id and a client name share that one namespace, so this
+module refuses to issue a device certificate under a name already used by a client and vice versa.
+
+:func:`write_password_file` is the simpler alternative to certificates: a Mosquitto
+``password_file`` in the ``$7$`` (PBKDF2-SHA512) format that ``mosquitto_passwd`` writes in 2.0.
+
+This is the only module that imports ``cryptography``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import ipaddress
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .errors import FedmqError
+from .mosquitto_config import TlsFiles
+from .topics import TopicError, check_device, check_name
+
+logger = logging.getLogger(__name__)
+
+CA_CERT = "ca.pem"
+CA_KEY = "ca.key"
+SERVER_DIR = "server"
+DEVICES_DIR = "devices"
+CLIENTS_DIR = "clients"
+
+KEY_MODE = 0o600
+CERT_MODE = 0o644
+DIR_MODE = 0o755  # the broker's user must traverse to server/; the keys themselves stay 0600
+
+#: Iterations of ``mosquitto_passwd`` 2.0 (``PW_DEFAULT_ITERATIONS``). Mosquitto hashes the
+#: password on every CONNECT, so this is paid per connection, not once.
+PASSWORD_ITERATIONS = 101
+_PASSWORD_SALT_BYTES = 12  # Mosquitto 2.0 refuses (drops) an entry whose salt is not 12 bytes
+_PASSWORD_HASH_BYTES = 64  # ... or whose hash is not 64 bytes (SHA-512)
+
+# Certificates start a little in the past so that a device whose clock lags the CA's host by a few
+# minutes still accepts them (Pis without an RTC boot with a stale clock until NTP catches up).
+_BACKDATE = datetime.timedelta(minutes=5)
+
+Role = Literal["aggregator", "operator"]
+ROLES: tuple[str, ...] = ("aggregator", "operator")
+
+
+class PkiError(FedmqError):
+    """A certificate, key or password file cannot be created: bad name, missing CA, file exists, ..."""
+
+
+@dataclass(frozen=True, slots=True)
+class CaFiles:
+    """The fleet CA: its certificate (share it with every client and the broker) and private key."""
+
+    cert: Path
+    key: Path
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    """Atomic write with ``mode`` set on the temporary file before any byte is written.
+
+    ``os.open`` with ``mode`` is subject to the umask, which may only remove bits; ``fchmod``
+    then sets exactly ``mode`` (a 0644 certificate stays 0644 under a 077 umask).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode & 0o600)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _ensure_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(DIR_MODE)
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _check_days(days: int) -> int:
+    if not isinstance(days, int) or isinstance(days, bool) or days < 1:
+        raise PkiError(f"days must be a positive integer, got {days!r}")
+    return days
+
+
+def _refuse_existing(paths: tuple[Path, ...], what: str, force: bool) -> None:
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not force:
+        raise PkiError(f"{what} already exists ({', '.join(existing)}); pass force=True to replace it")
+
+
+def ca_files(directory: str | os.PathLike[str]) -> CaFiles:
+    """The CA file paths under ``directory`` (whether or not they exist)."""
+    base = Path(directory)
+    return CaFiles(cert=base / CA_CERT, key=base / CA_KEY)
+
+
+def init_ca(directory: str | os.PathLike[str], *, fleet: str, days: int = 3650, force: bool = False) -> CaFiles:
+    """Create the fleet CA (``ca.pem``, ``ca.key``) in ``directory``.
+
+    Refuses to replace an existing CA unless ``force``: every certificate it issued would stop
+    verifying against the new one.
+    """
+    try:
+        check_name(fleet, "fleet")
+    except TopicError as exc:
+        raise PkiError(str(exc)) from exc
+    _check_days(days)
+    files = ca_files(directory)
+    _refuse_existing((files.cert, files.key), "a CA", force)
+    _ensure_dir(files.cert.parent)
+
+    key = _new_key()
+    name = x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedmq"),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, fleet),
+        x509.NameAttribute(NameOID.COMMON_NAME, f"fedmq {fleet} CA"),
+    ])
+    now = _now()
+    public = key.public_key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(now + datetime.timedelta(days=days))
+        # path_length=0: the CA signs leaf certificates only, never another CA.
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    # Key first: a crash between the two writes leaves no certificate without its key.
+    _write_file(files.key, _key_pem(key), KEY_MODE)
+    _write_file(files.cert, cert.public_bytes(serialization.Encoding.PEM), CERT_MODE)
+    logger.info("Created fleet CA %s for fleet %s", files.cert, fleet)
+    return files
+
+
+def load_ca(directory: str | os.PathLike[str]) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """Read the CA certificate and key from ``directory``; :class:`PkiError` when missing or unusable."""
+    files = ca_files(directory)
+    try:
+        cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+        key = serialization.load_pem_private_key(files.key.read_bytes(), password=None)
+    except FileNotFoundError as exc:
+        raise PkiError(f"no CA in {directory}: {exc.filename} is missing (run init_ca first)") from exc
+    except (OSError, ValueError, TypeError) as exc:
+        raise PkiError(f"cannot read the CA in {directory}: {exc}") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PkiError(f"the CA key {files.key} is not an EC key")
+    if key.public_key().public_numbers() != cert.public_key().public_numbers():  # type: ignore[union-attr]
+        raise PkiError(f"{files.key} is not the key of {files.cert}")
+    return cert, key
+
+
+def _issue(
+    directory: str | os.PathLike[str],
+    *,
+    common_name: str,
+    unit: str,
+    usage: x509.ObjectIdentifier,
+    cert_path: Path,
+    key_path: Path,
+    days: int,
+    san: list[x509.GeneralName] | None = None,
+) -> tuple[Path, Path]:
+    ca_cert, ca_key = load_ca(directory)
+    key = _new_key()
+    public = key.public_key()
+    now = _now()
+    not_after = now + datetime.timedelta(days=days)
+    if not_after > ca_cert.not_valid_after_utc:
+        # A certificate outliving its CA would fail verification at the CA's end anyway.
+        not_after = ca_cert.not_valid_after_utc
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedmq"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]))
+        .issuer_name(ca_cert.subject)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+                ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+            ),
+            critical=False,
+        )
+    )
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    _ensure_dir(cert_path.parent)
+    _write_file(key_path, _key_pem(key), KEY_MODE)
+    _write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), CERT_MODE)
+    logger.info("Issued %s certificate %s (CN=%s)", unit, cert_path, common_name)
+    return cert_path, key_path
+
+
+def issue_server(
+    directory: str | os.PathLike[str],
+    *,
+    hostnames: list[str],
+    ips: list[str] | None = None,
+    days: int = 825,
+    force: bool = False,
+) -> tuple[Path, Path]:
+    """Issue the broker's certificate (``server/server.pem``, ``server/server.key``).
+
+    ``hostnames`` become DNS SAN entries (the first also the CN) and ``ips`` (default
+    ``["127.0.0.1"]``) IP SAN entries: clients check the name they dial against these.
+    """
+    ips = ["127.0.0.1"] if ips is None else list(ips)
+    _check_days(days)
+    if not hostnames and not ips:
+        raise PkiError("a server certificate needs at least one hostname or IP address")
+    san: list[x509.GeneralName] = []
+    for host in hostnames:
+        if not isinstance(host, str) or not host or any(c.isspace() for c in host) or "/" in host:
+            raise PkiError(f"invalid hostname {host!r}")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            raise PkiError(f"{host!r} is an IP address: pass it in ips, not hostnames")
+        try:
+            san.append(x509.DNSName(host.encode("idna").decode("ascii")))
+        except UnicodeError as exc:
+            raise PkiError(f"invalid hostname {host!r}: {exc}") from exc
+    for ip in ips:
+        try:
+            san.append(x509.IPAddress(ipaddress.ip_address(ip)))
+        except ValueError as exc:
+            raise PkiError(f"invalid IP address {ip!r}") from exc
+    base = Path(directory) / SERVER_DIR
+    cert_path, key_path = base / "server.pem", base / "server.key"
+    _refuse_existing((cert_path, key_path), "a server certificate", force)
+    common_name = hostnames[0] if hostnames else ips[0]
+    return _issue(directory, common_name=common_name, unit="broker", usage=ExtendedKeyUsageOID.SERVER_AUTH,
+                  cert_path=cert_path, key_path=key_path, days=days, san=san)
+
+
+def device_paths(directory: str | os.PathLike[str], device_id: str) -> tuple[Path, Path]:
+    """``(cert, key)`` paths of a device under ``directory``."""
+    base = Path(directory) / DEVICES_DIR
+    return base / f"{device_id}.pem", base / f"{device_id}.key"
+
+
+def client_paths(directory: str | os.PathLike[str], name: str) -> tuple[Path, Path]:
+    """``(cert, key)`` paths of an aggregator or operator identity under ``directory``."""
+    base = Path(directory) / CLIENTS_DIR
+    return base / f"{name}.pem", base / f"{name}.key"
+
+
+def issue_device(
+    directory: str | os.PathLike[str], device_id: str, *, days: int = 825, force: bool = False
+) -> tuple[Path, Path]:
+    """Issue ``devices/<device_id>.pem|key``: CN = device id = MQTT client id, clientAuth."""
+    try:
+        check_device(device_id)
+    except TopicError as exc:
+        raise PkiError(str(exc)) from exc
+    _check_days(days)
+    if any(p.exists() for p in client_paths(directory, device_id)):
+        raise PkiError(f"{device_id!r} is already an aggregator/operator identity; a device cannot share its name")
+    cert_path, key_path = device_paths(directory, device_id)
+    _refuse_existing((cert_path, key_path), f"a certificate for device {device_id!r}", force)
+    return _issue(directory, common_name=device_id, unit="device", usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+                  cert_path=cert_path, key_path=key_path, days=days)
+
+
+def issue_client(
+    directory: str | os.PathLike[str], name: str, *, role: Role, days: int = 825, force: bool = False
+) -> tuple[Path, Path]:
+    """Issue ``clients/<name>.pem|key`` for the aggregator or an operator: CN = name, clientAuth.
+
+    The role is recorded in the certificate (OU) for people reading it; the broker authorises by
+    CN through the ACL file (:func:`fedmq.broker.mosquitto_config.render_acl`).
+    """
+    if role not in ROLES:
+        raise PkiError(f"role must be one of {list(ROLES)}, got {role!r}")
+    try:
+        check_name(name, f"{role} name")
+    except TopicError as exc:
+        raise PkiError(str(exc)) from exc
+    _check_days(days)
+    if any(p.exists() for p in device_paths(directory, name)):
+        raise PkiError(f"{name!r} is already a device id; an {role} cannot share its name")
+    cert_path, key_path = client_paths(directory, name)
+    _refuse_existing((cert_path, key_path), f"a certificate for {name!r}", force)
+    return _issue(directory, common_name=name, unit=role, usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+                  cert_path=cert_path, key_path=key_path, days=days)
+
+
+def server_tls_files(directory: str | os.PathLike[str]) -> TlsFiles:
+    """The broker's TLS files in a PKI directory, as :func:`~fedmq.broker.mosquitto_config.render_config` takes them."""
+    base = Path(directory).resolve()
+    files = TlsFiles(ca_file=base / CA_CERT, cert_file=base / SERVER_DIR / "server.pem",
+                     key_file=base / SERVER_DIR / "server.key")
+    missing = [str(p) for p in (files.ca_file, files.cert_file, files.key_file) if not p.is_file()]
+    if missing:
+        raise PkiError(f"missing in the PKI directory: {', '.join(missing)} (run init_ca and issue_server)")
+    return files
+
+
+def password_hash(password: str, *, iterations: int = PASSWORD_ITERATIONS, salt: bytes | None = None) -> str:
+    """Hash ``password`` the way ``mosquitto_passwd`` 2.0 does: ``$7$<iterations>$<b64 salt>$<b64 hash>``.
+
+    PBKDF2-HMAC-SHA512 over the UTF-8 password with a 12-byte salt, 64-byte result, standard
+    base64 with padding.
+    """
+    if not isinstance(password, str) or not password:
+        raise PkiError("a password must be a non-empty string")
+    if "\0" in password:
+        raise PkiError("a password cannot contain NUL characters (Mosquitto stops at the first)")
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
+        raise PkiError(f"iterations must be a positive integer, got {iterations!r}")
+    salt = secrets.token_bytes(_PASSWORD_SALT_BYTES) if salt is None else salt
+    if len(salt) != _PASSWORD_SALT_BYTES:
+        raise PkiError(f"Mosquitto needs a {_PASSWORD_SALT_BYTES}-byte salt, got {len(salt)} bytes")
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations, _PASSWORD_HASH_BYTES)
+    return f"$7${iterations}${base64.b64encode(salt).decode('ascii')}${base64.b64encode(digest).decode('ascii')}"
+
+
+def write_password_file(
+    path: str | os.PathLike[str],
+    users: dict[str, str],
+    *,
+    iterations: int = PASSWORD_ITERATIONS,
+    mode: int = 0o640,
+) -> Path:
+    """Write a Mosquitto ``password_file`` for ``users`` (username -> password), atomically.
+
+    Usernames follow the fleet naming rules (they are device ids, the aggregator's and the
+    operators' names). ``mode`` defaults to 0640: the hashes are offline-guessable, so give the
+    file to the broker's group (``chgrp mosquitto``) rather than making it world-readable.
+    """
+    if not users:
+        raise PkiError("a password file needs at least one user")
+    lines = []
+    for username, password in sorted(users.items()):
+        try:
+            check_name(username, "username")
+        except TopicError as exc:
+            raise PkiError(str(exc)) from exc
+        lines.append(f"{username}:{password_hash(password, iterations=iterations)}\n")
+    target = Path(path)
+    _write_file(target, "".join(lines).encode("ascii"), mode)
+    return target
