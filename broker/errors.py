@@ -48,6 +48,7 @@ class Reason(StrEnum):
     DUPLICATE = "duplicate"              # this (device, update id) was already accepted
     REPEAT = "repeat"                    # the device already has an accepted update in this sync round
     VERSION = "version"                  # a model that is not newer than the installed one
+    NORM = "norm"                        # the update's L2 norm is over the aggregator's bound (reject mode)
     SIGNATURE = "signature"              # a model that is unsigned, signed by an untrusted key, or tampered
     INTERNAL = "internal"                # the receiver failed on a valid-looking message (a bug: see its log)
 

@@ -164,7 +164,7 @@ class Task:
             raise RejectedMessage(Reason.FIELD, str(exc)) from None
 
 
-MAX_ARTIFACT_BYTES = 256 * 1024 * 1024
+MAX_ARTIFACT_BYTES = 200 * 1024 * 1024  # an MQTT packet carries at most 256 MiB, topic included
 
 
 @dataclass(frozen=True, slots=True)

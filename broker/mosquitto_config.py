@@ -14,9 +14,10 @@ Why the device rules use ``%u`` and not ``%c``
     status and read its receipts and commands. With ``%u`` the topics follow the authenticated
     identity whatever client id is sent. On top of that the listener sets
     ``use_username_as_clientid true`` (``pin_client_id``): the broker replaces the client id by the
-    username, so ``%c == %u`` for every client, a device cannot take over another device's session
-    (kick it off, or resume its persistent session and its queued messages), and a Last Will is
-    always published under the identity that owns its topic. The cost: one identity is one
+    username, so ``%c == %u`` for every client and a device cannot take over another device's
+    session (kick it off, or resume its persistent session and its queued messages): a CONNECT
+    from ``dev-a``'s certificate with client id ``dev-b`` becomes client ``dev-a``. The cost: one
+    identity is one
     connection. Two processes sharing a certificate (two ``fedmq ops`` shells of one operator, two
     aggregator replicas) take each other's session over, so give each its own identity.
 
@@ -33,10 +34,14 @@ ACL semantics (Mosquitto 2.0 ``acl_file``, checked in ``src/security_default.c``
     * SUBSCRIBE is never refused by the ACL file (the SUBACK says granted); the ``read`` check
       runs per message at delivery, so a forbidden subscription silently receives nothing. A
       denied PUBLISH is dropped (an MQTT 5 PUBACK carries "not authorized", a 3.1.1 one does not).
-    * The Last Will is checked as a ``write`` by its owner when the client connects; a will topic
-      the client may not publish to is refused at CONNECT (connection refused, not authorised).
-    * Patterns are skipped for a username or client id containing ``+`` or ``#``; fedmq names
-      cannot contain them (:func:`fedmq.broker.topics.check_name`).
+    * The Last Will is not checked at CONNECT (2.0.11 accepts any will topic); it is checked as a
+      ``write`` by its owner's identity when the broker publishes it, and silently dropped when
+      denied. A device's will on its own ``status/<me>`` therefore arrives, one on another
+      device's status topic never does.
+    * A ``pattern`` without ``%u``/``%c`` (the shared device reads: model, artifacts, ``cmd/all``,
+      aggregator status) works but makes Mosquitto log a warning at start-up: expected.
+    * When patterns exist, a client whose username or client id contains ``+`` or ``#`` is denied
+      everything; fedmq names cannot contain them (:func:`fedmq.broker.topics.check_name`).
     * Privileged identities are matched by exact username, so a device certificate must never be
       issued under the aggregator's or an operator's name (:mod:`fedmq.broker.pki` refuses).
 """
@@ -56,7 +61,7 @@ from .errors import ConfigError
 DEFAULT_MAX_PACKET_BYTES = 64 * 1024 * 1024
 #: The largest packet MQTT can frame: 5-byte fixed header + a 268,435,455-byte remaining length.
 MQTT_MAX_PACKET_BYTES = 268_435_460
-_MIN_PACKET_BYTES = 20  # below this Mosquitto refuses the option (a CONNECT alone is larger)
+_MIN_PACKET_BYTES = 20  # Mosquitto 2.0.11 refuses smaller values at start-up
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,10 +104,15 @@ def render_config(
     * ``password_file`` only: plain TCP with username/password (loopback or a VPN only).
 
     All paths must be absolute. ``persistence_dir`` turns persistence on (the broker's user must
-    be able to write there). ``max_packet_bytes=None`` leaves Mosquitto's default (no limit).
-    ``pin_client_id`` sets ``use_username_as_clientid`` (see the module docstring). Usable as a
-    file for ``mosquitto -c`` or as a drop-in in ``/etc/mosquitto/conf.d/`` (the Debian main file
-    sets only persistence, the PID file and the log, which this one may repeat).
+    be able to write there); ``None`` writes nothing about it, which keeps the setting of the file
+    that includes this one (Debian's main file: on, in ``/var/lib/mosquitto/``) or Mosquitto's
+    default (off: sessions and queued QoS 1 messages are lost on a broker restart).
+    ``max_packet_bytes=None`` leaves Mosquitto's default (no limit). ``pin_client_id`` sets
+    ``use_username_as_clientid`` (see the module docstring).
+
+    Usable as the file of ``mosquitto -c`` or as a drop-in in ``/etc/mosquitto/conf.d/``. Never
+    add a second listener next to it: with ``per_listener_settings false`` the ACL and the
+    password file are global, and only this listener checks certificates.
     """
     try:
         topics.check_name(fleet, "fleet")
@@ -140,8 +150,6 @@ def render_config(
     if persistence_dir is not None:
         # Mosquitto concatenates location and file name: the trailing slash is needed.
         lines += ["persistence true", f"persistence_location {_conf_path(persistence_dir, 'persistence_dir').rstrip('/')}/"]
-    else:
-        lines.append("persistence false")
     lines += ["", f"listener {port} {bind}"]
     if pin_client_id:
         lines.append("use_username_as_clientid true")

@@ -19,14 +19,13 @@ module refuses to issue a device certificate under a name already used by a clie
 
 :func:`write_password_file` is the simpler alternative to certificates: a Mosquitto
 ``password_file`` in the ``$7$`` (PBKDF2-SHA512) format that ``mosquitto_passwd`` writes in 2.0.
-
-This is the only module that imports ``cryptography``.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
+import grp
 import hashlib
 import ipaddress
 import logging
@@ -54,6 +53,7 @@ DEVICES_DIR = "devices"
 CLIENTS_DIR = "clients"
 
 KEY_MODE = 0o600
+GROUP_KEY_MODE = 0o640  # the server key with key_group: readable by the broker's group
 CERT_MODE = 0o644
 DIR_MODE = 0o755  # the broker's user must traverse to server/; the keys themselves stay 0600
 
@@ -87,35 +87,49 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def _write_file(path: Path, data: bytes, mode: int) -> None:
-    """Atomic write with ``mode`` set on the temporary file before any byte is written.
+def _write_file(path: Path, data: bytes, mode: int, gid: int = -1) -> None:
+    """Atomic write with ``mode`` (and group ``gid``) set on the temporary file before any byte is written.
 
     ``os.open`` with ``mode`` is subject to the umask, which may only remove bits; ``fchmod``
     then sets exactly ``mode`` (a 0644 certificate stays 0644 under a 077 umask).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode & 0o600)
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode & 0o600)
+        try:
+            if gid != -1:
+                os.fchown(fd, -1, gid)
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb") as handle:
+                fd = -1  # the file object owns it now
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if fd != -1:
+                os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise PkiError(f"cannot write {path}: {exc}") from exc
 
 
 def _ensure_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    path.chmod(DIR_MODE)
+    # A directory that already exists keeps the mode its owner gave it.
+    if path.is_dir():
+        return
+    try:
+        path.mkdir(parents=True)
+        path.chmod(DIR_MODE)
+    except OSError as exc:
+        raise PkiError(f"cannot create directory {path}: {exc}") from exc
 
 
 def _new_key() -> ec.EllipticCurvePrivateKey:
@@ -222,6 +236,7 @@ def _issue(
     key_path: Path,
     days: int,
     san: list[x509.GeneralName] | None = None,
+    key_gid: int = -1,
 ) -> tuple[Path, Path]:
     ca_cert, ca_key = load_ca(directory)
     key = _new_key()
@@ -264,7 +279,7 @@ def _issue(
         builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
     _ensure_dir(cert_path.parent)
-    _write_file(key_path, _key_pem(key), KEY_MODE)
+    _write_file(key_path, _key_pem(key), KEY_MODE if key_gid == -1 else GROUP_KEY_MODE, key_gid)
     _write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), CERT_MODE)
     logger.info("Issued %s certificate %s (CN=%s)", unit, cert_path, common_name)
     return cert_path, key_path
@@ -276,15 +291,27 @@ def issue_server(
     hostnames: list[str],
     ips: list[str] | None = None,
     days: int = 825,
+    key_group: str | None = None,
     force: bool = False,
 ) -> tuple[Path, Path]:
     """Issue the broker's certificate (``server/server.pem``, ``server/server.key``).
 
     ``hostnames`` become DNS SAN entries (the first also the CN) and ``ips`` (default
     ``["127.0.0.1"]``) IP SAN entries: clients check the name they dial against these.
+
+    Mosquitto 2.0 started as root reads its TLS files *after* dropping to its ``user``
+    (``mosquitto`` on Debian), so a root-owned 0600 key stops it at start-up ("Unable to load
+    server key file"). ``key_group="mosquitto"`` writes the key 0640 with that group instead
+    (needs root, or membership of the group).
     """
     ips = ["127.0.0.1"] if ips is None else list(ips)
     _check_days(days)
+    key_gid = -1
+    if key_group is not None:
+        try:
+            key_gid = grp.getgrnam(key_group).gr_gid
+        except KeyError:
+            raise PkiError(f"no group {key_group!r} on this machine (key_group)") from None
     if not hostnames and not ips:
         raise PkiError("a server certificate needs at least one hostname or IP address")
     san: list[x509.GeneralName] = []
@@ -311,7 +338,7 @@ def issue_server(
     _refuse_existing((cert_path, key_path), "a server certificate", force)
     common_name = hostnames[0] if hostnames else ips[0]
     return _issue(directory, common_name=common_name, unit="broker", usage=ExtendedKeyUsageOID.SERVER_AUTH,
-                  cert_path=cert_path, key_path=key_path, days=days, san=san)
+                  cert_path=cert_path, key_path=key_path, days=days, san=san, key_gid=key_gid)
 
 
 def device_paths(directory: str | os.PathLike[str], device_id: str) -> tuple[Path, Path]:

@@ -109,6 +109,10 @@ def artifact_topic(fleet: str, sha256: str) -> str:
     return f"{fleet_prefix(fleet)}/artifact/{check_sha256(sha256)}"
 
 
+def artifacts_filter(fleet: str) -> str:
+    return f"{fleet_prefix(fleet)}/artifact/+"
+
+
 def aggregator_status_topic(fleet: str) -> str:
     """Retained aggregator presence; its offline status is the aggregator's Last Will."""
     return f"{fleet_prefix(fleet)}/aggregator/status"

@@ -292,7 +292,7 @@ class Agent:
     async def _consume(self, client: aiomqtt.Client) -> None:
         fleet = self.config.fleet
         model_filter = topics.model_topic(fleet)
-        artifact_filter = f"{topics.fleet_prefix(fleet)}/artifact/+"
+        artifact_filter = topics.artifacts_filter(fleet)
         async for message in client.messages:
             payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
             self.counters["bytes_received"] += len(payload)

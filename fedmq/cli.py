@@ -71,6 +71,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         agents=args.agents, rounds=args.rounds, alpha=args.alpha, seed=args.seed, broker_url=args.broker,
         prefer_broker=args.local_broker, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         report=Path(args.report) if args.report else None, timeout_s=args.timeout, backend=args.backend,
+        secure=args.secure,
     )
 
     async def demo(stop: asyncio.Event) -> None:
@@ -140,6 +141,62 @@ def cmd_broker_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pki(args: argparse.Namespace) -> int:
+    from fedmq.broker import pki
+
+    directory = Path(args.dir)
+    if args.pki_command == "init":
+        files = pki.init_ca(directory, fleet=args.fleet, days=args.days or 3650, force=args.force)
+        print(f"fleet CA written: {files.cert} (certificate), {files.key} (private key, 0600)")
+    elif args.pki_command == "issue-server":
+        cert, key = pki.issue_server(directory, hostnames=args.hostname, ips=args.ip or ["127.0.0.1"],
+                                     days=args.days or 825, key_group=args.key_group, force=args.force)
+        print(f"broker certificate {cert}, key {key}")
+    elif args.pki_command == "issue-device":
+        for device in args.device:
+            cert, key = pki.issue_device(directory, device, days=args.days or 825, force=args.force)
+            print(f"device {device}: certificate {cert}, key {key}")
+    elif args.pki_command == "issue-client":
+        cert, key = pki.issue_client(directory, args.name, role=args.role, days=args.days or 825, force=args.force)
+        print(f"{args.role} {args.name}: certificate {cert}, key {key}")
+    elif args.pki_command == "signing-key":
+        from fedmq.broker.signing import SigningKey
+
+        private, public = directory / f"{args.name}.key", directory / f"{args.name}.pub"
+        if private.exists() and not args.force:
+            raise FedmqError(f"{private} exists; pass --force to replace it (devices trusting it would reject new models)")
+        key = SigningKey.generate()
+        key.write(private, public)
+        print(f"model signing key {key.key_id}: private {private} (0600, aggregator only), public {public} (devices)")
+    return 0
+
+
+def cmd_broker_config(args: argparse.Namespace) -> int:
+    from fedmq.broker import pki
+    from fedmq.broker.files import write_atomic
+    from fedmq.broker.mosquitto_config import render_acl, render_config
+
+    acl_path = Path(args.acl_path).absolute()
+    tls = pki.server_tls_files(args.pki) if args.pki else None
+    if tls is None and not args.password_file:
+        raise FedmqError("fedmq broker config needs --pki DIR (TLS with client certificates) or --password-file FILE")
+    conf = render_config(fleet=args.fleet, port=args.port, bind=args.bind, tls=tls,
+                         password_file=Path(args.password_file).absolute() if args.password_file else None,
+                         acl_path=acl_path,
+                         persistence_dir=Path(args.persistence_dir).absolute() if args.persistence_dir else None)
+    acl = render_acl(args.fleet, aggregator=args.aggregator, operators=args.operator or [])
+    acl_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(acl_path, acl.encode())
+    acl_path.chmod(0o644)  # Mosquitto reads it after dropping privileges
+    if args.output:
+        write_atomic(Path(args.output), conf.encode())
+        Path(args.output).chmod(0o644)
+        print(f"wrote {args.output} and {acl_path}", file=sys.stderr)
+    else:
+        sys.stdout.write(conf)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedmq", description="Federated learning for edge fleets over MQTT.", epilog=EXAMPLES,
@@ -163,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=5, help="local epochs per round (default 5)")
     demo.add_argument("--batch-size", type=int, default=16, help="local minibatch size (default 16)")
     demo.add_argument("--lr", type=float, default=0.2, help="local learning rate (default 0.2)")
+    demo.add_argument("--secure", action="store_true",
+                      help="mutual TLS with per-device certificates, broker ACLs and signed models (needs Mosquitto)")
     demo.add_argument("--backend", choices=["auto", "numpy", "onnx", "wasm"], default="auto",
                       help="the agents' training backend (default auto: the fastest one installed)")
     demo.add_argument("--report", metavar="FILE.json", help="write one JSON object per model version to this file")
@@ -187,13 +246,55 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("input", metavar="INPUT.npy", help="examples to predict")
     predict.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
 
-    broker = sub.add_parser("broker", help="local broker for development and tests")
+    pki_parser = sub.add_parser("pki", help="fleet certificates (TLS, device identity) and the model signing key",
+                                description="A small fleet PKI: a CA, the broker's server certificate, one client "
+                                "certificate per device (CN = device id = MQTT client id) and per aggregator/operator, "
+                                "and the Ed25519 key that signs models. Private keys are written 0600.")
+    pki_sub = pki_parser.add_subparsers(dest="pki_command", metavar="ACTION", required=True)
+
+    def pki_action(name: str, help_text: str) -> argparse.ArgumentParser:
+        action = pki_sub.add_parser(name, help=help_text, description=help_text)
+        action.add_argument("--dir", required=True, help="the PKI directory (e.g. /etc/fedmq/pki)")
+        action.add_argument("--days", type=int, help="validity in days")
+        action.add_argument("--force", action="store_true", help="replace existing files")
+        action.set_defaults(func=cmd_pki)
+        return action
+
+    pki_action("init", "create the fleet CA (ca.pem, ca.key)").add_argument("--fleet", required=True)
+    server = pki_action("issue-server", "issue the broker's TLS certificate")
+    server.add_argument("--hostname", action="append", required=True, help="DNS name of the broker (repeatable)")
+    server.add_argument("--ip", action="append", help="IP address of the broker (repeatable; default 127.0.0.1)")
+    server.add_argument("--key-group", help="group that may read the key (mosquitto, which reads it after dropping root)")
+    pki_action("issue-device", "issue device client certificates").add_argument("device", nargs="+", help="device ids")
+    client = pki_action("issue-client", "issue an aggregator or operator client certificate")
+    client.add_argument("name")
+    client.add_argument("--role", choices=["aggregator", "operator"], required=True)
+    signing = pki_action("signing-key", "create an Ed25519 model signing key pair (NAME.key, NAME.pub)")
+    signing.add_argument("--name", default="fleet-signing", help="file name stem (default fleet-signing)")
+
+    broker = sub.add_parser("broker", help="local broker for development and tests; Mosquitto config")
     broker_sub = broker.add_subparsers(dest="broker_command", metavar="ACTION", required=True)
     run = broker_sub.add_parser("run", help="start Mosquitto (if installed) or the embedded amqtt broker on loopback")
     run.add_argument("--prefer", choices=["auto", "mosquitto", "amqtt"], default="auto")
     run.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     run.add_argument("--port", type=int, default=None, help="port (default: a free one)")
     run.set_defaults(func=cmd_broker_run)
+    conf = broker_sub.add_parser("config", help="render a Mosquitto config and ACL file for a fleet",
+                                 description="Render a Mosquitto listener (TLS with client certificates, or "
+                                 "passwords), anonymous access off, and an ACL that lets each device publish only its "
+                                 "own update and status topics and read only the model, artifacts, its receipts and "
+                                 "commands; the aggregator and operators get what they need and no more.")
+    conf.add_argument("--fleet", required=True)
+    conf.add_argument("--port", type=int, default=8883)
+    conf.add_argument("--bind", default="127.0.0.1")
+    conf.add_argument("--pki", metavar="DIR", help="PKI directory from fedmq pki (TLS with client certificates)")
+    conf.add_argument("--password-file", metavar="FILE", help="Mosquitto password file instead of certificates")
+    conf.add_argument("--aggregator", required=True, help="the aggregator's identity (certificate CN or username)")
+    conf.add_argument("--operator", action="append", help="an operator identity (repeatable)")
+    conf.add_argument("--acl-path", required=True, help="where to write the ACL file (the config points to it)")
+    conf.add_argument("--persistence-dir", help="Mosquitto persistence directory")
+    conf.add_argument("-o", "--output", help="write the config here instead of stdout")
+    conf.set_defaults(func=cmd_broker_config)
     return parser
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from fedmq.aggregator.config import AggregatorConfig
 from fedmq.aggregator.daemon import Aggregator
+from fedmq.aggregator.registry import ModelRegistry
 from fedmq.aggregator.rounds import RoundPolicy
 from fedmq.broker import topics
 from fedmq.broker.architecture import MLPArchitecture
@@ -35,6 +36,7 @@ from fedmq.broker.settings import BrokerSettings
 from fedmq.edge_agent.agent import Agent
 from fedmq.edge_agent.config import AgentConfig
 from fedmq.edge_agent.training import evaluate
+from fedmq.secure_demo import SecureFleet
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class DemoOptions:
     workdir: Path | None = None
     timeout_s: float = 600.0
     backend: str = "auto"               # the agents' training backend: auto | numpy | onnx | wasm
+    secure: bool = False                # TLS with per-device certificates, ACLs and signed models
 
     def __post_init__(self) -> None:
         if not 1 <= self.agents <= 1000:
@@ -143,7 +146,19 @@ async def run_demo(opts: DemoOptions, *, say: Callable[[str], None] = print) -> 
     with contextlib.ExitStack() as stack:
         workdir = opts.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedmq-demo-")))
         async with contextlib.AsyncExitStack() as astack:
-            if opts.broker_url:
+            secure = None
+            if opts.secure:
+                if opts.broker_url:
+                    raise DemoError("--secure starts its own TLS Mosquitto; it cannot be combined with --broker")
+                secure = SecureFleet(workdir, fleet, [f"{fleet}-agent{i:03d}" for i in range(opts.agents)],
+                                     aggregator=f"{fleet}-aggregator", observer=f"{fleet}-observer")
+                secure.create()
+                secure.start_broker()
+                stack.callback(secure.stop_broker)
+                settings = secure.settings(secure.aggregator)
+                broker_name = (f"mosquitto at mqtts://127.0.0.1:{secure.port} (mutual TLS, per-device certificates, "
+                               "ACLs, signed models)")
+            elif opts.broker_url:
                 settings = BrokerSettings.from_url(opts.broker_url)
                 broker_name = settings.url
             else:
@@ -153,20 +168,22 @@ async def run_demo(opts: DemoOptions, *, say: Callable[[str], None] = print) -> 
                 broker_name = f"{broker.kind} at {broker.url}"
             say(f"fedmq demo: {opts.agents} agents, {opts.rounds} rounds, digits split with Dirichlet alpha={opts.alpha} "
                 f"(shard sizes {min(map(len, shards))}-{max(map(len, shards))}), test set {len(y_test)}; broker: {broker_name}")
-            return await _run_fleet(opts, settings, arch, fleet, shards, x_train, y_train, x_test, y_test, workdir, say)
+            return await _run_fleet(opts, settings, arch, fleet, shards, x_train, y_train, x_test, y_test, workdir, say,
+                                    secure)
     raise AssertionError("unreachable")
 
 
 async def _run_fleet(opts: DemoOptions, settings: BrokerSettings, arch: MLPArchitecture, fleet: str,
                      shards: list[np.ndarray], x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
-                     y_test: np.ndarray, workdir: Path, say: Callable[[str], None]) -> list[VersionRow]:
+                     y_test: np.ndarray, workdir: Path, say: Callable[[str], None],
+                     secure: SecureFleet | None = None) -> list[VersionRow]:
     stop = asyncio.Event()
     task = Task(epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, deadline_s=opts.deadline_s)
     aggregator = Aggregator(AggregatorConfig(
         fleet=fleet, state_dir=workdir / "aggregator", broker=settings, client_id=f"{fleet}-aggregator",
         arch=arch, seed=opts.seed, task=task,
         policy=RoundPolicy(min_updates=math.ceil(opts.agents / 2), target_updates=opts.agents, deadline_s=opts.deadline_s),
-        max_rounds=opts.rounds,
+        max_rounds=opts.rounds, signing_key=secure.signing_key if secure else None,
     ))
     agents = []
     for i, shard in enumerate(shards):
@@ -175,16 +192,19 @@ async def _run_fleet(opts: DemoOptions, settings: BrokerSettings, arch: MLPArchi
         data_file.parent.mkdir(parents=True, exist_ok=True)
         np.savez(data_file, x=x_train[shard], y=y_train[shard])
         agents.append(Agent(AgentConfig(device_id=device, fleet=fleet, state_dir=data_file.parent, data=data_file,
-                                        broker=settings, seed=f"demo-{opts.seed}-agent{i}",
+                                        broker=secure.settings(device) if secure else settings,
+                                        fleet_public_key=secure.public_key if secure else None, seed=f"demo-{opts.seed}-agent{i}",
                                         backend=opts.backend)))
 
     rows: list[VersionRow] = []
     final = opts.rounds + 1
+    history = ModelRegistry(workdir / "aggregator")  # our own handle: the aggregator closes its own when done
     observer_ready = asyncio.Event()
 
     async def observe() -> None:
         last_time = time.monotonic()
-        observer = settings.client(identifier=f"{fleet}-observer", max_queued_incoming=1000)
+        observer_settings = secure.settings(secure.observer) if secure else settings
+        observer = observer_settings.client(identifier=f"{fleet}-observer", max_queued_incoming=1000)
         async with observer:
             await observer.subscribe(topics.model_topic(fleet), qos=1)
             observer_ready.set()
@@ -195,7 +215,7 @@ async def _run_fleet(opts: DemoOptions, settings: BrokerSettings, arch: MLPArchi
                     continue
                 now = time.monotonic()
                 accuracy, loss = evaluate(model.params, model.arch, x_test, y_test)
-                record = aggregator.registry.get(model.version)
+                record = history.get(model.version)
                 info = record.info if record else {}
                 row = VersionRow(model.version, accuracy, loss, int(info.get("updates", 0)), int(info.get("bytes_in", 0)),
                                  len(payload) * len(agents), now - last_time if rows else 0.0)
@@ -230,6 +250,7 @@ async def _run_fleet(opts: DemoOptions, settings: BrokerSettings, arch: MLPArchi
         stop.set()
         await asyncio.wait(runners, timeout=10)
         await cancel_tasks([observer_task, *runners])
+        history.close()
     elapsed = time.monotonic() - started
     best = rows[-1]
     say(f"final model v{best.version}: test accuracy {best.accuracy:.4f}, loss {best.loss:.4f} after {opts.rounds} rounds "

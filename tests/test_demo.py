@@ -97,3 +97,23 @@ def test_demo_cli_rejects_bad_options() -> None:
                           timeout=60)
     assert done.returncode == 2
     assert "--agents must be from 1 to 1000" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_secure_demo_reaches_its_accuracy_with_tls_acls_and_signed_models(require_mosquitto: str,
+                                                                                 tmp_path: Path) -> None:
+    from fedmq.aggregator.registry import ModelRegistry
+    from fedmq.broker.messages import ModelMessage, decode_message
+
+    lines: list[str] = []
+    rows = await run_demo(DemoOptions(secure=True, workdir=tmp_path, report=tmp_path / "r.json"), say=lines.append)
+    assert "mqtts://" in lines[0] and "mutual TLS" in lines[0]
+    check_demo_rows(rows, tmp_path / "r.json")
+    conf = (tmp_path / "mosquitto" / "mosquitto.conf").read_text()
+    assert "require_certificate true" in conf and "allow_anonymous false" in conf and "acl_file" in conf
+    registry = ModelRegistry(tmp_path / "aggregator")
+    for record in registry.versions():
+        model = decode_message(registry.load_payload(record), max_bytes=1 << 24, expect=ModelMessage)
+        assert model.signed_by is not None, f"v{record.version} is signed"
+    registry.close()
