@@ -33,6 +33,10 @@ class AggregatorConfig:
     server_lr: float = 1.0
     max_rounds: int = 0                 # stop after the registry holds 1 + max_rounds versions; 0 = run forever
     max_update_bytes: int = DEFAULT_MAX_UPDATE_BYTES
+    strategy: str = "fedavg"            # fedavg | median | trimmed_mean (aggregator/robust.py)
+    trim_fraction: float = 0.2          # trimmed_mean: share dropped at each end per coordinate
+    max_norm: float = 0.0               # > 0: bound each update's L2 norm (norm_mode clip or reject)
+    norm_mode: str = "clip"
     signing_key: Path | None = None     # Ed25519 private key (PEM): models are signed when set
     next_public_key: Path | None = None # announce this public key (PEM) in every model: key rotation
 
@@ -44,6 +48,12 @@ class AggregatorConfig:
                 raise ConfigError(str(exc), key=key) from None
         if self.task.codec not in CODECS:
             raise ConfigError(f"unknown codec {self.task.codec!r}; known: {sorted(CODECS)}", key="task.codec")
+        if self.strategy not in ("fedavg", "median", "trimmed_mean"):
+            raise ConfigError(f"unknown strategy {self.strategy!r}; use fedavg, median or trimmed_mean", key="rounds.strategy")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError("must be at least 0 and below 0.5", key="rounds.trim_fraction")
+        if self.max_norm < 0 or self.norm_mode not in ("clip", "reject"):
+            raise ConfigError("max_norm must be >= 0 (0 = off) and norm_mode clip or reject", key="rounds.max_norm")
         if self.max_rounds < 0:
             raise ConfigError("must be 0 (forever) or more", key="rounds.max_rounds")
 
@@ -83,6 +93,10 @@ class AggregatorConfig:
             )
             server_lr = r.get("server_lr", float, 1.0, check=lambda v: v > 0, expect="a positive number")
             max_rounds = r.get("max_rounds", int, 0)
+            strategy = r.get("strategy", str, "fedavg")
+            trim_fraction = r.get("trim_fraction", float, 0.2)
+            max_norm = r.get("max_norm", float, 0.0)
+            norm_mode = r.get("norm_mode", str, "clip")
             lim = top.section("limits")
             max_update_bytes = lim.get("max_update_bytes", int, DEFAULT_MAX_UPDATE_BYTES,
                                        check=lambda v: 1024 <= v <= 256 * 1024 * 1024, expect="1 KiB to 256 MiB")
@@ -93,7 +107,8 @@ class AggregatorConfig:
             fields: dict[str, Any] = dict(
                 fleet=fleet, state_dir=state_dir, broker=broker, client_id=client_id, arch=arch, seed=seed, backbone=backbone,
                 task=task, policy=policy, server_lr=server_lr, max_rounds=max_rounds,
-                max_update_bytes=max_update_bytes, signing_key=signing_key, next_public_key=next_public_key,
+                max_update_bytes=max_update_bytes, signing_key=signing_key, strategy=strategy,
+                trim_fraction=trim_fraction, max_norm=max_norm, norm_mode=norm_mode, next_public_key=next_public_key,
             )
             fields.update(overrides)
             return cls(**fields)

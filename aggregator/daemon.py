@@ -29,6 +29,7 @@ from fedmq.broker.signing import SigningKey, load_public_key
 from .config import AggregatorConfig
 from .intake import check_update, decode_update
 from .journal import JournalError, UpdateJournal
+from .robust import make_accumulator
 from .registry import ModelRegistry, RegistryError, VersionRecord
 from .rounds import SyncRound
 from .strategy import ServerSGD
@@ -134,7 +135,17 @@ class Aggregator:
 
     def _open_round(self) -> SyncRound:
         self._deadline_warned = False
-        return SyncRound(self.model.version, self._shapes, self.config.policy, opened_at=time.time())
+        options: dict[str, Any] = {}
+        if self.config.strategy != "fedavg":
+            # one update per device and the round closes at target_updates: the buffer never overflows
+            options["max_updates"] = self.config.policy.target_updates
+        if self.config.strategy == "trimmed_mean":
+            options["trim_fraction"] = self.config.trim_fraction
+        if self.config.max_norm > 0:
+            options.update(max_norm=self.config.max_norm, norm_mode=self.config.norm_mode)
+        accumulator = make_accumulator(self.config.strategy, self._shapes, **options)
+        return SyncRound(self.model.version, self._shapes, self.config.policy, opened_at=time.time(),
+                         accumulator=accumulator)
 
     def _replay_journal(self) -> None:
         """Rebuild the open round and the de-duplication memory from the journal after a restart."""
@@ -280,6 +291,7 @@ class Aggregator:
                 if exc.reason is Reason.STALE:
                     self.counters["late"] += 1
                 raise
+            self.round.check_delta(delta, update.num_examples)  # e.g. the norm bound, before it is durable
             self.journal.append(device, payload)  # durable before the receipt says "accepted"
             self.round.add(update, delta, len(payload))
             self._remember(key)

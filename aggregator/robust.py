@@ -216,8 +216,7 @@ class NormClipping:
         if not math.isfinite(norm):
             return RejectedMessage(Reason.NON_FINITE, f"update norm is {norm}")
         if self.mode == "reject" and norm > self.max_norm:
-            # TODO: Reason.NORM once broker/errors.py has it
-            return RejectedMessage(Reason.FIELD, f"update norm {norm:.6g} exceeds max_norm {self.max_norm:.6g}")
+            return RejectedMessage(Reason.NORM, f"update norm {norm:.6g} exceeds max_norm {self.max_norm:.6g}")
         return None
 
     def check(self, delta: Mapping[str, np.ndarray], weight: float) -> None:

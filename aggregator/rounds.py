@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -46,12 +47,13 @@ class SyncRound:
     """The open round for model ``version``."""
 
     def __init__(self, version: int, shapes: Mapping[str, tuple[int, ...]], policy: RoundPolicy,
-                 opened_at: float) -> None:
+                 opened_at: float, accumulator: Any = None) -> None:
         self.version = version
         self.policy = policy
         self.opened_at = opened_at
         self.deadline = opened_at + policy.deadline_s
-        self._mean = WeightedMean(shapes)
+        # any strategy with add/result/count (aggregator/robust.py); FedAvg's streaming mean by default
+        self._mean = accumulator if accumulator is not None else WeightedMean(shapes)
         self._devices: set[str] = set()
         self._examples = 0
         self._bytes = 0
@@ -69,6 +71,12 @@ class SyncRound:
             raise RejectedMessage(Reason.FUTURE, f"computed from version {update.base_version}, which was never published (current {self.version})")
         if update.device in self._devices:
             raise RejectedMessage(Reason.REPEAT, f"device {update.device} already contributed to the round for version {self.version}")
+
+    def check_delta(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
+        """Raise what the strategy would refuse (e.g. a norm bound in reject mode), changing nothing."""
+        check = getattr(self._mean, "check", None)
+        if check is not None:
+            check(delta, weight)
 
     def add(self, update: UpdateMessage, delta: Mapping[str, np.ndarray], payload_bytes: int) -> None:
         """Fold a checked update (call :meth:`check` first)."""

@@ -170,3 +170,37 @@ def test_status_reports_counters(aggregator: Aggregator) -> None:
     assert status.counters["rejected_malformed"] == 1
     assert status.counters["round_updates"] == 1
     assert status.model_version == 1
+
+
+def test_norm_bound_in_reject_mode_refuses_before_the_journal(tmp_path: Path) -> None:
+    agg = Aggregator(make_config(tmp_path, max_norm=1.0, norm_mode="reject"))
+    big = update("d1", "big", tensors=delta(10.0))
+    receipt = agg.ingest("d1", big)
+    assert (receipt.status, receipt.reason) == ("rejected", "norm")
+    assert agg.round.count == 0
+    assert agg.journal.open_round(1) == [], "a refused update is never made durable"
+
+
+def test_norm_bound_in_clip_mode_scales_the_update(tmp_path: Path) -> None:
+    agg = Aggregator(make_config(tmp_path, max_norm=1.0, policy=RoundPolicy(1, 1)))
+    initial = snapshot(agg)
+    assert agg.ingest("d1", update("d1", "big", tensors=delta(10.0))).status == "accepted"
+    agg.close_round()
+    change = np.sqrt(sum(float(((agg.model.params[k] - initial[k]) ** 2).sum()) for k in initial))
+    assert change == pytest.approx(1.0, rel=1e-5), "one update clipped to norm 1 moves the model by exactly 1"
+
+
+def test_median_strategy_ignores_an_outlier(tmp_path: Path) -> None:
+    agg = Aggregator(make_config(tmp_path, strategy="median", policy=RoundPolicy(3, 3)))
+    initial = snapshot(agg)
+    agg.ingest("d1", update("d1", "a", tensors=delta(1.0)))
+    agg.ingest("d2", update("d2", "b", tensors=delta(2.0)))
+    agg.ingest("d3", update("d3", "c", tensors=delta(-1000.0)))
+    agg.close_round()
+    for name, value in initial.items():
+        np.testing.assert_allclose(agg.model.params[name], value + 1.0, rtol=1e-6)  # median of (1, 2, -1000)
+
+
+def test_unknown_strategy_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="strategy"):
+        make_config(tmp_path, strategy="krum")
