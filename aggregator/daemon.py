@@ -29,8 +29,8 @@ from fedmq.broker.signing import SigningKey, load_public_key
 from .config import AggregatorConfig
 from .intake import check_update, decode_update
 from .journal import JournalError, UpdateJournal
-from .robust import make_accumulator
 from .registry import ModelRegistry, RegistryError, VersionRecord
+from .robust import make_accumulator
 from .rounds import SyncRound
 from .strategy import ServerSGD
 
@@ -158,9 +158,15 @@ class Aggregator:
                     log.warning("journal holds an unreadable update from %s; skipped", device)
         for device, payload in records:
             update = decode_update(payload, max_bytes=len(payload) + 1)
-            delta = check_update(update, topic_device=device, shapes=self._shapes, codec=update.codec)
-            self.round.add(update, delta, len(payload))
             self._remember((device, update.update_id))
+            try:
+                delta = check_update(update, topic_device=device, shapes=self._shapes, codec=update.codec)
+                self.round.add(update, delta, len(payload))
+            except RejectedMessage as exc:
+                # only after a configuration change (a lower norm bound, another strategy) between restarts
+                self.counters["replay_refused"] += 1
+                log.error("journaled update %s from %s no longer passes the round's checks (%s); it is not counted",
+                          update.update_id, device, exc)
         if records:
             self.counters["replayed"] += len(records)
             log.info("round for v%d resumed from the journal with %d accepted update(s)", self.model.version, len(records))

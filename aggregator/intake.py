@@ -10,6 +10,10 @@ from fedmq.broker.codecs import get_codec
 from fedmq.broker.errors import Reason, RejectedMessage
 from fedmq.broker.messages import UpdateMessage, decode_message
 
+#: Hard sanity bound on an update's L2 norm, whatever the strategy: far above any real delta,
+#: low enough that summing many such updates can never overflow float32 parameters.
+MAX_DELTA_NORM = 1e6
+
 
 def decode_update(payload: bytes, *, max_bytes: int) -> UpdateMessage:
     """Decode an update's frame and fields (no model state needed)."""
@@ -28,9 +32,19 @@ def check_update(update: UpdateMessage, *, topic_device: str, shapes: Mapping[st
     if update.codec != codec:
         raise RejectedMessage(Reason.CODEC, f"update uses codec {update.codec!r}; the task asks for {codec!r}")
     delta = get_codec(update.codec).decode(update.tensors, shapes)
+    squared = 0.0
     for name, array in delta.items():
         flat = array.reshape(-1)
         # one BLAS pass; only an overflowing or non-finite sum needs the exact (slower) check
-        if not np.isfinite(np.dot(flat, flat)) and not np.isfinite(flat).all():
-            raise RejectedMessage(Reason.NON_FINITE, f"tensor {name!r} contains NaN or infinity")
+        with np.errstate(over="ignore", invalid="ignore"):
+            tensor_squared = float(np.dot(flat, flat))
+        if not np.isfinite(tensor_squared):
+            if not np.isfinite(flat).all():
+                raise RejectedMessage(Reason.NON_FINITE, f"tensor {name!r} contains NaN or infinity")
+            tensor_squared = float(np.dot(flat.astype(np.float64), flat.astype(np.float64)))
+        squared += tensor_squared
+    norm = squared ** 0.5
+    if not norm <= MAX_DELTA_NORM:
+        # finite but absurd: a few of these would overflow the float32 model itself
+        raise RejectedMessage(Reason.NORM, f"update L2 norm {norm:.3g} is over the hard limit {MAX_DELTA_NORM:g}")
     return delta

@@ -24,6 +24,7 @@ from .wire import Frame, decode_frame, encode_frame
 
 SCHEMA = 1
 MAX_METRICS = 32
+MAX_METRIC = 1e15
 MAX_TEXT = 512
 MAX_EXAMPLES = 2**31 - 1
 MAX_VERSION = 2**53
@@ -99,6 +100,8 @@ def _metrics(h: Mapping[str, Any], key: str = "metrics") -> dict[str, float]:
             raise RejectedMessage(Reason.FIELD, f"{key} must map short names to numbers")
         if not math.isfinite(number):
             raise RejectedMessage(Reason.NON_FINITE, f"{key}.{name} is {number}")
+        if abs(number) > MAX_METRIC:
+            raise RejectedMessage(Reason.FIELD, f"{key}.{name} = {number} is beyond +-{MAX_METRIC:g}")
         out[name] = float(number)
     return out
 

@@ -106,6 +106,8 @@ def _encode_unsigned(fields: dict[str, Any], tensors: Mapping[str, np.ndarray] |
 
 
 def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    if not all(type(key) is str for key, _ in pairs):
+        raise ValueError("map keys must be strings")
     result = dict(pairs)
     if len(result) != len(pairs):
         raise ValueError("a map has the same key twice")
@@ -157,7 +159,7 @@ def decode_frame(payload: bytes | bytearray | memoryview, *, max_bytes: int) -> 
             Reason.MALFORMED, f"truncated msgpack header (or header over {MAX_HEADER_BYTES} bytes)"
         ) from None
     except (ValueError, TypeError, msgpack.StackError, msgpack.FormatError) as exc:
-        raise RejectedMessage(Reason.MALFORMED, f"not a msgpack header: {exc}") from None
+        raise RejectedMessage(Reason.MALFORMED, f"not a msgpack header: {type(exc).__name__}: {exc}") from None
     if not isinstance(header, dict):
         raise RejectedMessage(Reason.MALFORMED, f"header is a {type(header).__name__}, not a map")
     header_end = unpacker.tell()
