@@ -86,3 +86,27 @@ async def test_broker_run_serves_until_sigint() -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_pki_and_broker_config_commands(tmp_path: Path) -> None:
+    pki = str(tmp_path / "pki")
+    for args in (["pki", "init", "--dir", pki, "--fleet", "f1"],
+                 ["pki", "issue-server", "--dir", pki, "--hostname", "localhost"],
+                 ["pki", "issue-device", "--dir", pki, "pi-1", "pi-2"],
+                 ["pki", "issue-client", "--dir", pki, "agg", "--role", "aggregator"],
+                 ["pki", "signing-key", "--dir", pki]):
+        done = fedmq(*args)
+        assert done.returncode == 0, done.stderr
+    for key in ("ca.key", "devices/pi-1.key", "clients/agg.key", "server/server.key", "fleet-signing.key"):
+        assert (tmp_path / "pki" / key).stat().st_mode & 0o777 == 0o600, key
+    again = fedmq("pki", "init", "--dir", pki, "--fleet", "f1")
+    assert again.returncode == 2 and "already exists" in again.stderr
+    conf = tmp_path / "fedmq.conf"
+    done = fedmq("broker", "config", "--fleet", "f1", "--pki", pki, "--aggregator", "agg", "--acl-path",
+                 str(tmp_path / "fedmq.acl"), "-o", str(conf))
+    assert done.returncode == 0, done.stderr
+    text = conf.read_text()
+    assert "allow_anonymous false" in text and "require_certificate true" in text
+    assert "fedmq/v1/f1/update/%u" in (tmp_path / "fedmq.acl").read_text()
+    missing = fedmq("broker", "config", "--fleet", "f1", "--aggregator", "agg", "--acl-path", str(tmp_path / "x.acl"))
+    assert missing.returncode == 2 and "--pki DIR" in missing.stderr
