@@ -162,12 +162,11 @@ def finish_run(fleet: FleetProcesses) -> None:
     fleet.note(f"aggregator exited at v{fleet.registry_version()}")
     assert fleet.probe is not None
     # every update of v1..vR got a receipt or was superseded by the next model; only an update for
-    # the last model (which no aggregator takes) may stay behind. An aggregator killed between
-    # storing the last version and publishing it never publishes it (daemon.py: run() returns at
-    # once when max_rounds is reached): the agents then keep their vR update.
-    keep = {last} if last in fleet.probe.model_versions() else {last - 1, last}
-    if len(keep) == 2:
-        fleet.note(f"v{last} is in the registry but was never published")
+    # the last model (which no aggregator takes) may stay behind. The last version is always
+    # published, even when the aggregator died between storing and publishing it: the restarted
+    # one publishes it before it stops.
+    fleet.wait_until(lambda: last in fleet.probe.model_versions(), WAIT_MODEL, f"v{last} published")
+    keep = {last}
     fleet.wait_until(lambda: all(set(fleet.outbox_versions(a.index)) <= keep for a in fleet.agents),
                      WAIT_MODEL, f"the outboxes to drain (keeping at most updates for {sorted(keep)})")
     fleet.stop_agents()
