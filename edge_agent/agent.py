@@ -32,12 +32,14 @@ from fedmq.broker.signing import TrustStore, key_id, load_public_key
 from .backends import Backend, BackendError, load_backend
 from .config import AgentConfig
 from .data import DataError, load_npz
+from .error_feedback import ErrorFeedback
 from .export import export_current_model
 from .outbox import Outbox
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.fmq"
+RESIDUAL_FILE = "residual.npz"
 
 
 class AlreadyInstalled(RejectedMessage):
@@ -58,6 +60,9 @@ class Agent:
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox(self.state_dir / "outbox")
+        # what lossy codecs left out of earlier updates, added to the next delta (survives restarts)
+        self.error_feedback = ErrorFeedback()
+        self.error_feedback.load(self.state_dir / RESIDUAL_FILE)
         self.trust = (TrustStore(self.state_dir / "trust.json", load_public_key(config.fleet_public_key))
                       if config.fleet_public_key else None)
         self._dataset = dataset
@@ -229,9 +234,17 @@ class Agent:
         result = self.backend.train(model.params, model.arch, x, y, epochs=task.epochs, batch_size=task.batch_size,
                                     lr=task.lr, seed=seed)
         delta = {name: result.params[name] - model.params[name] for name in model.params}
+        codec = get_codec(task.codec)
+        if task.codec == "fp32":
+            wire = codec.encode(delta)
+        else:
+            compensated = self.error_feedback.compensate(delta)
+            wire = codec.encode(compensated)
+            self.error_feedback.update(compensated, codec.decode(wire, model.arch.param_shapes()))
+            self.error_feedback.save(self.state_dir / RESIDUAL_FILE)
         update = UpdateMessage(
             device=self.device, update_id=f"v{model.version}-{uuid.uuid4().hex[:12]}", base_version=model.version,
-            num_examples=result.num_examples, codec=task.codec, tensors=get_codec(task.codec).encode(delta),
+            num_examples=result.num_examples, codec=task.codec, tensors=wire,
             metrics={"loss": result.loss, "accuracy": result.accuracy}, created=time.time(),
         )
         return update, update.encode()

@@ -463,3 +463,27 @@ def test_agent_update_in_a_lossy_codec_is_accepted_and_aggregated(tmp_path, code
     before = {k: np.array(v) for k, v in agg.model.params.items()}
     agg.close_round()
     assert any(not np.array_equal(agg.model.params[k], before[k]) for k in before)
+
+
+def test_agent_keeps_the_top_k_residual_across_updates_and_restarts(tmp_path) -> None:
+    from fedmq.broker.architecture import MLPArchitecture
+    from fedmq.broker.messages import ModelMessage, Task, UpdateMessage, decode_message
+    from fedmq.edge_agent.agent import Agent
+    from fedmq.edge_agent.config import AgentConfig
+
+    arch = MLPArchitecture(6, (5,), 3)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.standard_normal((40, 6)).astype(np.float32), y=rng.integers(0, 3, 40))
+    config = AgentConfig(device_id="d1", fleet="f1", state_dir=tmp_path / "dev", data=tmp_path / "data.npz",
+                         backend="numpy")
+    agent = Agent(config)
+    model = agent.install(ModelMessage("f1", 1, 0, arch, Task(epochs=1, batch_size=8, codec="topk-fp32"),
+                                       arch.init_params(0), 1.0).encode())
+    update, payload = agent.train_once(model)
+    sent = decode_message(payload, max_bytes=1 << 20, expect=UpdateMessage)
+    assert sum(v.size for k, v in sent.tensors.items() if k.endswith(":values")) < arch.num_params() / 10
+    residual = agent.error_feedback.residual
+    assert agent.error_feedback.norm() > 0, "what top-k left out is kept"
+    restarted = Agent(config)
+    for name, value in residual.items():
+        np.testing.assert_array_equal(restarted.error_feedback.residual[name], value)
