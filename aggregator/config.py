@@ -14,6 +14,7 @@ from fedmq.broker.messages import Task
 from fedmq.broker.settings import BrokerSettings
 from fedmq.broker.topics import TopicError, check_name
 
+from .optimizers import ServerOptimizer
 from .rounds import RoundPolicy
 
 DEFAULT_MAX_UPDATE_BYTES = 16 * 1024 * 1024
@@ -31,6 +32,10 @@ class AggregatorConfig:
     task: Task = field(default_factory=Task)
     policy: RoundPolicy = field(default_factory=RoundPolicy)
     server_lr: float = 1.0
+    server_optimizer: str = "sgd"       # sgd (FedAvg) | fedavgm | fedadagrad | fedadam | fedyogi
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
     max_rounds: int = 0                 # stop after the registry holds 1 + max_rounds versions; 0 = run forever
     max_update_bytes: int = DEFAULT_MAX_UPDATE_BYTES
     strategy: str = "fedavg"            # fedavg | median | trimmed_mean (aggregator/robust.py)
@@ -54,8 +59,16 @@ class AggregatorConfig:
             raise ConfigError("must be at least 0 and below 0.5", key="rounds.trim_fraction")
         if self.max_norm < 0 or self.norm_mode not in ("clip", "reject"):
             raise ConfigError("max_norm must be >= 0 (0 = off) and norm_mode clip or reject", key="rounds.max_norm")
+        try:
+            self.make_optimizer()
+        except ValueError as exc:
+            raise ConfigError(str(exc), key="rounds.server_optimizer") from None
         if self.max_rounds < 0:
             raise ConfigError("must be 0 (forever) or more", key="rounds.max_rounds")
+
+    def make_optimizer(self) -> ServerOptimizer:
+        return ServerOptimizer(self.server_optimizer, lr=self.server_lr, beta1=self.server_beta1,
+                               beta2=self.server_beta2, tau=self.server_tau)
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> AggregatorConfig:
@@ -93,6 +106,10 @@ class AggregatorConfig:
             )
             server_lr = r.get("server_lr", float, 1.0, check=lambda v: v > 0, expect="a positive number")
             max_rounds = r.get("max_rounds", int, 0)
+            server_optimizer = r.get("server_optimizer", str, "sgd")
+            server_beta1 = r.get("server_beta1", float, 0.9)
+            server_beta2 = r.get("server_beta2", float, 0.99)
+            server_tau = r.get("server_tau", float, 1e-3)
             strategy = r.get("strategy", str, "fedavg")
             trim_fraction = r.get("trim_fraction", float, 0.2)
             max_norm = r.get("max_norm", float, 0.0)
@@ -107,6 +124,8 @@ class AggregatorConfig:
             fields: dict[str, Any] = dict(
                 fleet=fleet, state_dir=state_dir, broker=broker, client_id=client_id, arch=arch, seed=seed, backbone=backbone,
                 task=task, policy=policy, server_lr=server_lr, max_rounds=max_rounds,
+                server_optimizer=server_optimizer, server_beta1=server_beta1, server_beta2=server_beta2,
+                server_tau=server_tau,
                 max_update_bytes=max_update_bytes, signing_key=signing_key, strategy=strategy,
                 trim_fraction=trim_fraction, max_norm=max_norm, norm_mode=norm_mode, next_public_key=next_public_key,
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import numpy as np
 
 from fedmq import __version__
 from fedmq.broker import topics
@@ -32,7 +34,6 @@ from .journal import JournalError, UpdateJournal
 from .registry import ModelRegistry, RegistryError, VersionRecord
 from .robust import make_accumulator
 from .rounds import SyncRound
-from .strategy import ServerSGD
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class Aggregator:
         self.config = config
         self.counters: Counter[str] = Counter()
         self.registry = ModelRegistry(config.state_dir)
-        self.optimizer = ServerSGD(config.server_lr)
+        self.optimizer = config.make_optimizer()
         self._shapes = config.arch.param_shapes()
         self._lock = asyncio.Lock()
         self._seen: OrderedDict[tuple[str, str], int] = OrderedDict()
@@ -65,6 +66,7 @@ class Aggregator:
         self.signer = SigningKey.from_file(config.signing_key) if config.signing_key else None
         self.next_key = load_public_key(config.next_public_key) if config.next_public_key else None
         self.model, self.model_payload = self._load_or_create_model()
+        self._load_optimizer_state()
         self.journal = UpdateJournal(config.state_dir / "journal")
         self.round = self._open_round()
         self._replay_journal()
@@ -132,6 +134,23 @@ class Aggregator:
         if hashlib.sha256(data).hexdigest() != ref.sha256:
             raise RegistryError(f"backbone artifact {path} is corrupt (sha256 mismatch)")
         return data
+
+    def _optimizer_path(self, version: int) -> Path:
+        return self.config.state_dir / "optimizer" / f"v{version:08d}.npz"
+
+    def _save_optimizer_state(self, version: int) -> None:
+        path = self._optimizer_path(version)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez(buffer, **self.optimizer.state())
+        write_atomic(path, buffer.getvalue())
+
+    def _load_optimizer_state(self) -> None:
+        path = self._optimizer_path(self.model.version)
+        if self.optimizer.name != "sgd" and path.exists():
+            with np.load(path, allow_pickle=False) as data:
+                self.optimizer.load_state({k: data[k] for k in data.files})
+            log.info("%s state restored for v%d", self.optimizer.name, self.model.version)
 
     def _open_round(self) -> SyncRound:
         self._deadline_warned = False
@@ -338,6 +357,9 @@ class Aggregator:
             "updates": result.num_updates, "examples": result.num_examples, "bytes_in": result.bytes_in,
             "round_seconds": round(time.time() - self.round.opened_at, 3), **result.metrics,
         }
+        if self.optimizer.name != "sgd":
+            # with the version, before its registry row: a restart continues the same trajectory
+            self._save_optimizer_state(version)
         record = self.registry.add(version, self.model.version, payload, info)
         self.model, self.model_payload = model, payload
         self.round = self._open_round()

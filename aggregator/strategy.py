@@ -1,7 +1,8 @@
 """Aggregation maths as plain numpy over named arrays, separate from orchestration.
 
 :class:`WeightedMean` folds one delta at a time into a running sum, so memory stays O(model size)
-whatever the number of devices. Server optimizers turn the averaged delta into the next weights.
+whatever the number of devices. Server optimizers (:mod:`.optimizers`) turn the averaged delta into
+the next weights.
 """
 
 from __future__ import annotations
@@ -43,18 +44,3 @@ class WeightedMean:
         if self.count == 0:
             raise ValueError("no update was added")
         return {name: (acc / self.total_weight).astype(np.float32) for name, acc in self._sums.items()}
-
-
-class ServerSGD:
-    """FedAvg's server step: ``params + lr * mean_delta`` (lr = 1 is plain FedAvg)."""
-
-    name = "sgd"
-
-    def __init__(self, lr: float = 1.0) -> None:
-        if not lr > 0:
-            raise ValueError(f"server learning rate must be positive, got {lr}")
-        self.lr = lr
-
-    def step(self, params: Mapping[str, np.ndarray], mean_delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        lr = np.float32(self.lr)
-        return {name: (params[name] + lr * mean_delta[name]).astype(np.float32) for name in params}

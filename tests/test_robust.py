@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
+from fedmq.aggregator.optimizers import ServerOptimizer
 from fedmq.aggregator.robust import (
     CoordinateMedian,
     NormClipping,
@@ -15,7 +16,7 @@ from fedmq.aggregator.robust import (
     TrimmedMean,
     make_accumulator,
 )
-from fedmq.aggregator.strategy import ServerSGD, WeightedMean
+from fedmq.aggregator.strategy import WeightedMean
 from fedmq.broker.architecture import MLPArchitecture
 from fedmq.broker.errors import Reason, RejectedMessage
 from fedmq.demo import dirichlet_partition, load_digits_split
@@ -358,7 +359,7 @@ def federated_accuracy(digits: tuple, strategy: str, attackers: frozenset[int], 
     """Test accuracy after ``ROUNDS`` synchronous rounds; ``attackers`` send ``-10 x`` their honest delta."""
     shards, x_test, y_test = digits
     params = ARCH.init_params(SEED)
-    server = ServerSGD(1.0)
+    server = ServerOptimizer("sgd", lr=1.0)
     for rnd in range(ROUNDS):
         accumulator = make_accumulator(strategy, ARCH.param_shapes(), **options)
         for client, (x, y) in enumerate(shards):

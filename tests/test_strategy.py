@@ -7,7 +7,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from fedmq.aggregator.strategy import ServerSGD, WeightedMean
+from fedmq.aggregator.optimizers import ServerOptimizer
+from fedmq.aggregator.strategy import WeightedMean
 
 SHAPES = {"w": (2, 2), "b": (2,)}
 
@@ -68,7 +69,7 @@ def test_weighted_mean_refuses_empty_and_non_positive_weight() -> None:
 def test_server_sgd_applies_learning_rate() -> None:
     params = {"w": np.array([1.0, 2.0], np.float32)}
     delta = {"w": np.array([0.5, -1.0], np.float32)}
-    np.testing.assert_array_equal(ServerSGD(1.0).step(params, delta)["w"], [1.5, 1.0])
-    np.testing.assert_array_equal(ServerSGD(0.5).step(params, delta)["w"], [1.25, 1.5])
+    np.testing.assert_array_equal(ServerOptimizer("sgd", lr=1.0).step(params, delta)["w"], [1.5, 1.0])
+    np.testing.assert_array_equal(ServerOptimizer("sgd", lr=0.5).step(params, delta)["w"], [1.25, 1.5])
     with pytest.raises(ValueError):
-        ServerSGD(0)
+        ServerOptimizer("sgd", lr=0)
