@@ -71,7 +71,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         agents=args.agents, rounds=args.rounds, alpha=args.alpha, seed=args.seed, broker_url=args.broker,
         prefer_broker=args.local_broker, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         report=Path(args.report) if args.report else None, timeout_s=args.timeout, backend=args.backend,
-        secure=args.secure,
+        secure=args.secure, codec=args.codec,
     )
 
     async def demo(stop: asyncio.Event) -> None:
@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=5, help="local epochs per round (default 5)")
     demo.add_argument("--batch-size", type=int, default=16, help="local minibatch size (default 16)")
     demo.add_argument("--lr", type=float, default=0.2, help="local learning rate (default 0.2)")
+    demo.add_argument("--codec", default="fp32",
+                      choices=["fp32", "fp16", "int8", "int8-block", "topk-fp32", "topk-fp16"],
+                      help="delta codec of the updates (default fp32; lossy ones use error feedback on the agents)")
     demo.add_argument("--secure", action="store_true",
                       help="mutual TLS with per-device certificates, broker ACLs and signed models (needs Mosquitto)")
     demo.add_argument("--backend", choices=["auto", "numpy", "onnx", "wasm"], default="auto",

@@ -59,6 +59,7 @@ class DemoOptions:
     workdir: Path | None = None
     timeout_s: float = 600.0
     backend: str = "auto"               # the agents' training backend: auto | numpy | onnx | wasm
+    codec: str = "fp32"                 # the delta codec the task asks for
     secure: bool = False                # TLS with per-device certificates, ACLs and signed models
 
     def __post_init__(self) -> None:
@@ -178,7 +179,7 @@ async def _run_fleet(opts: DemoOptions, settings: BrokerSettings, arch: MLPArchi
                      y_test: np.ndarray, workdir: Path, say: Callable[[str], None],
                      secure: SecureFleet | None = None) -> list[VersionRow]:
     stop = asyncio.Event()
-    task = Task(epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, deadline_s=opts.deadline_s)
+    task = Task(epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, deadline_s=opts.deadline_s, codec=opts.codec)
     aggregator = Aggregator(AggregatorConfig(
         fleet=fleet, state_dir=workdir / "aggregator", broker=settings, client_id=f"{fleet}-aggregator",
         arch=arch, seed=opts.seed, task=task,

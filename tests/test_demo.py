@@ -117,3 +117,13 @@ async def test_secure_demo_reaches_its_accuracy_with_tls_acls_and_signed_models(
         model = decode_message(registry.load_payload(record), max_bytes=1 << 24, expect=ModelMessage)
         assert model.signed_by is not None, f"v{record.version} is signed"
     registry.close()
+
+
+@pytest.mark.asyncio
+async def test_demo_with_a_lossy_codec_uploads_fewer_bytes(mqtt_broker: BrokerSettings) -> None:
+    url = f"mqtt://{mqtt_broker.host}:{mqtt_broker.port}"
+    base = await run_demo(DemoOptions(agents=3, rounds=2, broker_url=url), say=lambda line: None)
+    int8 = await run_demo(DemoOptions(agents=3, rounds=2, broker_url=url, codec="int8"), say=lambda line: None)
+    assert [r.updates for r in int8[1:]] == [3, 3], "every int8 update was accepted"
+    assert sum(r.bytes_up for r in int8) * 3 < sum(r.bytes_up for r in base)
+    assert int8[-1].accuracy > int8[0].accuracy
