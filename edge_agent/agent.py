@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.fmq"
 RESIDUAL_FILE = "residual.npz"
+#: How long a stopping agent waits for the training thread in hand.
+TRAINING_EXIT_TIMEOUT_S = 60.0
 
 
 class AlreadyInstalled(RejectedMessage):
@@ -78,6 +80,7 @@ class Agent:
             self.detail = self._backend_error
             log.error("%s: %s", config.device_id, self.detail)
         self._status_dirty = asyncio.Event()
+        self._training: asyncio.Future[tuple[UpdateMessage, bytes]] | None = None
         self._artifact_arrived = asyncio.Event()
         self._embedded: tuple[str, np.ndarray] | None = None  # (backbone sha256, embedded local x)
         self._model_changed = asyncio.Event()
@@ -264,6 +267,11 @@ class Agent:
             )
         finally:
             await cancel_tasks([trainer])
+            if self._training is not None:
+                # a thread cannot be cancelled: let the training in hand finish its writes first
+                await asyncio.wait([self._training], timeout=TRAINING_EXIT_TIMEOUT_S)
+                if self._training.done() and not self._training.cancelled():
+                    self._training.exception()  # read, so that a failure is not reported as unretrieved
 
     async def _session(self, client: aiomqtt.Client, protocol: str) -> None:
         fleet = self.config.fleet
@@ -370,7 +378,9 @@ class Agent:
                 self._model_changed.set()  # look again: a newer model may have come meanwhile
                 continue
             try:
-                update, payload = await asyncio.to_thread(self.train_once, model)
+                # shielded: cancelling the trainer must not abandon a thread that is writing state
+                self._training = asyncio.get_running_loop().run_in_executor(None, self.train_once, model)
+                update, payload = await asyncio.shield(self._training)
             except Exception as exc:  # noqa: BLE001 - the trainer must outlive any one failure
                 # reported on the status topic; the agent keeps serving and waits for the next model
                 self.detail = f"training v{model.version} failed: {exc}"
