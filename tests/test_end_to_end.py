@@ -40,6 +40,13 @@ async def retained(settings: BrokerSettings, topic: str, within: float = WAIT) -
     raise AssertionError("no message")
 
 
+async def wait_online(settings: BrokerSettings, topic: str, kind: type, within: float = 20) -> None:
+    """Poll the retained status on ``topic`` until it says online."""
+    async with asyncio.timeout(within):
+        while decode_message(await retained(settings, topic), max_bytes=1 << 16, expect=kind).state != "online":
+            await asyncio.sleep(0.1)
+
+
 @pytest.mark.asyncio
 async def test_five_agents_three_rounds_accuracy_rises(mqtt_broker: BrokerSettings, fleet: str, tmp_path: Path) -> None:
     x_train, y_train, x_test, y_test = load_digits_split(seed=1, test_fraction=0.2)
@@ -141,13 +148,7 @@ async def test_agent_sigterm_is_graceful(mqtt_broker: BrokerSettings, fleet: str
     write_agent_config(config, fleet, device, mqtt_broker, tmp_path / "state")
     proc = start_agent(config, tmp_path / "agent.log")
     try:
-        async with asyncio.timeout(20):
-            while True:
-                status = decode_message(await retained(mqtt_broker, topics.status_topic(fleet, device)),
-                                        max_bytes=1 << 16, expect=DeviceStatus)
-                if status.state == "online":
-                    break
-                await asyncio.sleep(0.1)
+        await wait_online(mqtt_broker, topics.status_topic(fleet, device), DeviceStatus)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=WAIT) == 0
         status = decode_message(await retained(mqtt_broker, topics.status_topic(fleet, device)),
@@ -170,13 +171,7 @@ async def test_aggregator_sigterm_is_graceful(mqtt_broker: BrokerSettings, fleet
         proc = subprocess.Popen([sys.executable, "-m", "fedmq.cli", "--log-level", "info", "aggregator", "--config",
                                  str(config)], stdout=out, stderr=subprocess.STDOUT)
     try:
-        async with asyncio.timeout(20):
-            while True:
-                status = decode_message(await retained(mqtt_broker, topics.aggregator_status_topic(fleet)),
-                                        max_bytes=1 << 16, expect=AggregatorStatus)
-                if status.state == "online":
-                    break
-                await asyncio.sleep(0.1)
+        await wait_online(mqtt_broker, topics.aggregator_status_topic(fleet), AggregatorStatus)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=WAIT) == 0
         status = decode_message(await retained(mqtt_broker, topics.aggregator_status_topic(fleet)),
