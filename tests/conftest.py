@@ -82,3 +82,20 @@ def require_mosquitto() -> str:
 def fleet() -> str:
     """A fleet name no other test uses, so retained messages never leak between tests."""
     return f"t{uuid.uuid4().hex[:10]}"
+
+
+def shard_agents(fleet: str, shards: list, x: object, y: object, directory: object, broker: BrokerSettings,
+                 **config: object) -> list:
+    """One in-process agent per data shard, each with its own .npz file and state directory."""
+    import numpy as np
+
+    from fedmq.edge_agent.agent import Agent
+    from fedmq.edge_agent.config import AgentConfig
+
+    agents = []
+    for i, shard in enumerate(shards):
+        path = directory / f"data{i}.npz"  # type: ignore[operator]
+        np.savez(path, x=x[shard], y=y[shard])  # type: ignore[index]
+        agents.append(Agent(AgentConfig(device_id=f"{fleet}-a{i}", fleet=fleet, state_dir=directory / f"agent{i}",  # type: ignore[operator]
+                                        data=path, broker=broker, **config)))  # type: ignore[arg-type]
+    return agents

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import shard_agents
 from onnx import TensorProto, helper, numpy_helper
 
 from fedmq.aggregator.config import AggregatorConfig
@@ -62,12 +63,7 @@ async def test_backbone_head_training_end_to_end(mqtt_broker: BrokerSettings, fl
     ))
     assert aggregator.model.backbone == BackboneRef(hashlib.sha256(data).hexdigest(), len(data))
     initial = {k: np.array(v) for k, v in aggregator.model.params.items()}
-    agents = []
-    for i, shard in enumerate(shards):
-        path = tmp_path / f"data{i}.npz"
-        np.savez(path, x=x_train[shard], y=y_train[shard])
-        agents.append(Agent(AgentConfig(device_id=f"{fleet}-a{i}", fleet=fleet, state_dir=tmp_path / f"agent{i}",
-                                        data=path, broker=mqtt_broker, backend="numpy")))
+    agents = shard_agents(fleet, shards, x_train, y_train, tmp_path, mqtt_broker, backend="numpy")
     stop_agents = asyncio.Event()
     tasks = [asyncio.create_task(a.run(stop_agents)) for a in agents]
     try:

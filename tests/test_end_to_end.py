@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shard_agents
 
 from fedmq.aggregator.config import AggregatorConfig
 from fedmq.aggregator.daemon import Aggregator
@@ -23,8 +24,6 @@ from fedmq.broker.architecture import MLPArchitecture
 from fedmq.broker.messages import AggregatorStatus, DeviceStatus, ModelMessage, Task, decode_message
 from fedmq.broker.settings import BrokerSettings
 from fedmq.demo import dirichlet_partition, load_digits_split
-from fedmq.edge_agent.agent import Agent
-from fedmq.edge_agent.config import AgentConfig
 from fedmq.edge_agent.training import evaluate
 
 pytestmark = pytest.mark.broker
@@ -57,12 +56,7 @@ async def test_five_agents_three_rounds_accuracy_rises(mqtt_broker: BrokerSettin
         task=Task(epochs=2, batch_size=16, lr=0.1, deadline_s=30), policy=RoundPolicy(5, 5, 30), max_rounds=3,
     ))
     initial = {k: np.array(v) for k, v in aggregator.model.params.items()}
-    agents = []
-    for i, shard in enumerate(shards):
-        path = tmp_path / f"data{i}.npz"
-        np.savez(path, x=x_train[shard], y=y_train[shard])
-        agents.append(Agent(AgentConfig(device_id=f"{fleet}-a{i}", fleet=fleet, state_dir=tmp_path / f"agent{i}",
-                                        data=path, broker=mqtt_broker)))
+    agents = shard_agents(fleet, shards, x_train, y_train, tmp_path, mqtt_broker)
     stop_agents = asyncio.Event()
     agent_tasks = [asyncio.create_task(a.run(stop_agents)) for a in agents]
     try:
