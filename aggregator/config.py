@@ -15,7 +15,7 @@ from fedmq.broker.settings import BrokerSettings
 from fedmq.broker.topics import TopicError, check_name
 
 from .optimizers import ServerOptimizer
-from .rounds import RoundPolicy
+from .rounds import RoundPolicy, StalenessWeight
 
 DEFAULT_MAX_UPDATE_BYTES = 16 * 1024 * 1024
 
@@ -31,6 +31,8 @@ class AggregatorConfig:
     backbone: Path | None = None        # a frozen ONNX feature extractor; only the MLP head is trained
     task: Task = field(default_factory=Task)
     policy: RoundPolicy = field(default_factory=RoundPolicy)
+    buffer_size: int = 10               # async: publish a version every buffer_size accepted updates
+    staleness: StalenessWeight = field(default_factory=StalenessWeight)
     server_lr: float = 1.0
     server_optimizer: str = "sgd"       # sgd (FedAvg) | fedavgm | fedadagrad | fedadam | fedyogi
     server_beta1: float = 0.9
@@ -63,6 +65,17 @@ class AggregatorConfig:
             self.make_optimizer()
         except ValueError as exc:
             raise ConfigError(str(exc), key="rounds.server_optimizer") from None
+        if self.task.mode == "async":
+            if self.buffer_size < 1:
+                raise ConfigError("must be at least 1", key="async.buffer_size")
+            if self.policy.min_updates > self.buffer_size:
+                raise ConfigError(f"min_updates ({self.policy.min_updates}) cannot exceed async.buffer_size "
+                                  f"({self.buffer_size}): a buffer is published at buffer_size updates",
+                                  key="rounds.min_updates")
+            if self.strategy != "fedavg":
+                raise ConfigError(f"strategy {self.strategy!r} keeps one update per device and round; async mode "
+                                  "takes several per device: use fedavg with max_norm for robustness",
+                                  key="rounds.strategy")
         if self.max_rounds < 0:
             raise ConfigError("must be 0 (forever) or more", key="rounds.max_rounds")
 
@@ -90,8 +103,20 @@ class AggregatorConfig:
             seed = m.get("seed", int, 0)
             backbone = Path(b) if (b := m.get("backbone", str, None)) else None
             t = top.section("task")
+            mode = t.get("mode", str, "sync", check=lambda v: v in ("sync", "async"), expect="sync or async")
+            a = top.section("async")
+            buffer_size = a.get("buffer_size", int, 10, check=lambda v: v >= 1, expect="an integer >= 1")
+            max_staleness = a.get("max_staleness", int, 20, check=lambda v: 0 <= v <= 1000, expect="an integer from 0 to 1000")
+            staleness = StalenessWeight(
+                kind=a.get("staleness", str, "polynomial", check=lambda v: v in ("polynomial", "hinge", "constant"),
+                           expect="polynomial, hinge or constant"),
+                exponent=a.get("staleness_exponent", float, 0.5, check=lambda v: v >= 0, expect="a number >= 0"),
+                hinge_a=a.get("staleness_hinge_a", float, 10.0, check=lambda v: v >= 0, expect="a number >= 0"),
+                hinge_b=a.get("staleness_hinge_b", float, 4.0, check=lambda v: v >= 0, expect="a number >= 0"),
+            )
             task = Task(
-                mode=t.get("mode", str, "sync"),
+                mode=mode,
+                max_staleness=max_staleness if mode == "async" else 0,
                 epochs=t.get("epochs", int, 5),
                 batch_size=t.get("batch_size", int, 16),
                 lr=t.get("lr", float, 0.2),
@@ -123,7 +148,7 @@ class AggregatorConfig:
             top.finish()
             fields: dict[str, Any] = dict(
                 fleet=fleet, state_dir=state_dir, broker=broker, client_id=client_id, arch=arch, seed=seed, backbone=backbone,
-                task=task, policy=policy, server_lr=server_lr, max_rounds=max_rounds,
+                task=task, policy=policy, buffer_size=buffer_size, staleness=staleness, server_lr=server_lr, max_rounds=max_rounds,
                 server_optimizer=server_optimizer, server_beta1=server_beta1, server_beta2=server_beta2,
                 server_tau=server_tau,
                 max_update_bytes=max_update_bytes, signing_key=signing_key, strategy=strategy,

@@ -33,7 +33,7 @@ from .intake import check_update, decode_update
 from .journal import JournalError, UpdateJournal
 from .registry import ModelRegistry, RegistryError, VersionRecord
 from .robust import make_accumulator
-from .rounds import SyncRound
+from .rounds import AsyncBuffer, RoundPolicy, SyncRound
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ STATUS_INTERVAL_S = 5.0
 
 #: How many recently accepted (device, update id) pairs are remembered for de-duplication.
 DEDUP_WINDOW = 200_000
+
+#: How many devices the per-device statistics hold.
+DEVICE_STATS_LIMIT = 100_000
 
 
 class Aggregator:
@@ -58,6 +61,8 @@ class Aggregator:
         self._shapes = config.arch.param_shapes()
         self._lock = asyncio.Lock()
         self._seen: OrderedDict[tuple[str, str], int] = OrderedDict()
+        # per device since start: accepted, rejected, last_update (unix time) - for `fedmq fleet status`
+        self.device_stats: dict[str, Counter[str]] = {}
         self._started = time.time()
         self._stop: asyncio.Event | None = None
         self._deadline_warned = False
@@ -152,7 +157,7 @@ class Aggregator:
                 self.optimizer.load_state({k: data[k] for k in data.files})
             log.info("%s state restored for v%d", self.optimizer.name, self.model.version)
 
-    def _open_round(self) -> SyncRound:
+    def _open_round(self) -> SyncRound | AsyncBuffer:
         self._deadline_warned = False
         options: dict[str, Any] = {}
         if self.config.strategy != "fedavg":
@@ -163,6 +168,12 @@ class Aggregator:
         if self.config.max_norm > 0:
             options.update(max_norm=self.config.max_norm, norm_mode=self.config.norm_mode)
         accumulator = make_accumulator(self.config.strategy, self._shapes, **options)
+        if self.config.task.mode == "async":
+            policy = RoundPolicy(min_updates=self.config.policy.min_updates, target_updates=self.config.buffer_size,
+                                 deadline_s=self.config.policy.deadline_s)
+            return AsyncBuffer(self.model.version, self._shapes, policy, opened_at=time.time(),
+                               max_staleness=self.config.task.max_staleness, weight=self.config.staleness,
+                               accumulator=accumulator)
         return SyncRound(self.model.version, self._shapes, self.config.policy, opened_at=time.time(),
                          accumulator=accumulator)
 
@@ -322,11 +333,13 @@ class Aggregator:
             self._remember(key)
         except JournalError as exc:
             self.counters["journal_errors"] += 1
+            self._device_stat(device, "journal_errors")
             log.error("update %r from %s not accepted, no receipt sent: %s", update_id, device, exc)
             return None
         except RejectedMessage as exc:
             self.counters["rejected"] += 1
             self.counters[f"rejected_{exc.reason.value}"] += 1
+            self._device_stat(device, "rejected")
             log.warning("rejected update %r from %s: %s", update_id, device, exc)
             return Receipt(device, update_id, "rejected", self.model.version, exc.reason.value, exc.detail)
         except Exception as exc:  # a bug must cost one update, not the daemon
@@ -336,8 +349,16 @@ class Aggregator:
             return Receipt(device, update_id, "rejected", self.model.version, Reason.INTERNAL.value, repr(exc)[:200])
         self.counters["accepted"] += 1
         self.counters["bytes_in"] += len(payload)
+        self._device_stat(device, "accepted")
         log.debug("accepted update %s from %s (%d examples)", update.update_id, device, update.num_examples)
         return Receipt(device, update.update_id, "accepted", self.model.version)
+
+    def _device_stat(self, device: str, key: str) -> None:
+        if device not in self.device_stats and len(self.device_stats) >= DEVICE_STATS_LIMIT:
+            return  # topic names are checked, but a flood of made-up device ids must not grow memory
+        stats = self.device_stats.setdefault(device, Counter())
+        stats[key] += 1
+        stats["last_update"] = time.time()
 
     def _remember(self, key: tuple[str, str]) -> None:
         self._seen[key] = self.model.version
@@ -369,6 +390,49 @@ class Aggregator:
         log.info("v%d published: %d updates, %d examples, train loss %.4f", version, result.num_updates,
                  result.num_examples, result.metrics.get("train_loss", float("nan")))
         return record
+
+    def install_params(self, params: dict[str, np.ndarray], info: dict[str, Any]) -> VersionRecord:
+        """Publish operator-chosen weights (``fedmq model push`` / ``rollback``) as the next version.
+
+        The new version is always higher, so devices' rollback protection holds. The open round is
+        dropped (its updates were computed from the weights being replaced) and the server
+        optimizer starts afresh from the new weights.
+        """
+        shapes = {name: tuple(np.shape(value)) for name, value in params.items()}
+        if shapes != {name: tuple(shape) for name, shape in self._shapes.items()}:
+            raise ValueError(f"the weights do not fit the fleet's architecture {self.config.arch.widths}: "
+                             f"got {shapes}, expected {self._shapes}")
+        params = {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in params.items()}
+        if not all(np.isfinite(value).all() for value in params.values()):
+            raise ValueError("the weights contain NaN or infinity")
+        dropped = self.round.count
+        version = self.model.version + 1
+        model = ModelMessage(fleet=self.config.fleet, version=version, parent=self.model.version,
+                             arch=self.config.arch, task=self.config.task, params=params, created=time.time(),
+                             backbone=self.model.backbone, next_key=self.next_key)
+        payload = model.encode(self.signer)
+        self.optimizer = self.config.make_optimizer()
+        if self.optimizer.name != "sgd":
+            self._save_optimizer_state(version)
+        record = self.registry.add(version, self.model.version, payload, {**info, "updates": 0, "dropped_updates": dropped})
+        self.model, self.model_payload = model, payload
+        self.round = self._open_round()
+        self.journal.open_round(version)
+        self.journal.prune()
+        self.counters["replaced"] += 1
+        self.counters["dropped_by_replace"] += dropped
+        log.warning("v%d published from %s; %d buffered update(s) dropped", version, info.get("source", "an operator"),
+                    dropped)
+        return record
+
+    async def replace_model(self, client: aiomqtt.Client, params: dict[str, np.ndarray],
+                            info: dict[str, Any]) -> VersionRecord:
+        """:meth:`install_params` and publish the new version (for the ops handler)."""
+        async with self._lock:
+            record = self.install_params(params, info)
+            await client.publish(topics.model_topic(self.config.fleet), self.model_payload, qos=1, retain=True)
+            await self._publish_status(client)
+            return record
 
     async def _close_round(self, client: aiomqtt.Client) -> None:
         self.close_round()

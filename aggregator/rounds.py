@@ -1,11 +1,18 @@
-"""Synchronous FedAvg rounds as a plain state machine (no I/O, no clock of its own).
+"""Rounds and buffers as plain state machines (no I/O, no clock of their own).
 
-A round collects updates computed from its model version. It may close once ``min_updates``
-arrived and either ``target_updates`` arrived or its deadline passed.
+:class:`SyncRound`: a round collects updates computed from its model version, one per device. It
+may close once ``min_updates`` arrived and either ``target_updates`` arrived or its deadline passed.
+
+:class:`AsyncBuffer` (FedBuff, Nguyen et al. 2022): takes an update whose base version is at most
+``max_staleness`` versions behind, scales its delta by a :class:`StalenessWeight` of that
+staleness, and is ready after ``buffer_size`` updates (or ``min_updates`` at the deadline). Both
+aggregate streaming; the daemon treats them alike.
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,4 +103,126 @@ class SyncRound:
 
     def result(self) -> RoundResult:
         metrics = {f"train_{k}": v / self._examples for k, v in self._metric_sums.items()}
+        return RoundResult(self.version, self._mean.result(), self.count, self._examples, self._bytes, metrics)
+
+
+STALENESS_KINDS = ("polynomial", "hinge", "constant")
+
+
+@dataclass(frozen=True, slots=True)
+class StalenessWeight:
+    """How much an update that is ``s`` versions stale counts, relative to a fresh one.
+
+    - ``polynomial`` (the default): ``(1 + s) ** -exponent``; exponent 0.5 gives ``1/sqrt(1+s)``.
+    - ``hinge`` (Xie et al. 2019, FedAsync): 1 up to ``hinge_b`` versions, then ``1 / (hinge_a * (s - hinge_b) + 1)``.
+    - ``constant``: 1 whatever the staleness (plain FedBuff averaging).
+    """
+
+    kind: str = "polynomial"
+    exponent: float = 0.5
+    hinge_a: float = 10.0
+    hinge_b: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in STALENESS_KINDS:
+            raise ValueError(f"unknown staleness function {self.kind!r}; use one of {', '.join(STALENESS_KINDS)}")
+        for name in ("exponent", "hinge_a", "hinge_b"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"staleness {name} must be a finite number >= 0, got {value}")
+
+    def __call__(self, staleness: int) -> float:
+        if staleness < 0:
+            raise ValueError(f"staleness cannot be negative, got {staleness}")
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "hinge":
+            return 1.0 if staleness <= self.hinge_b else 1.0 / (self.hinge_a * (staleness - self.hinge_b) + 1.0)
+        return float((1.0 + staleness) ** -self.exponent)
+
+    def describe(self) -> str:
+        if self.kind == "constant":
+            return "1"
+        if self.kind == "hinge":
+            return f"1 if s <= {self.hinge_b:g} else 1/({self.hinge_a:g}*(s-{self.hinge_b:g})+1)"
+        return "1/sqrt(1+s)" if self.exponent == 0.5 else f"(1+s)^-{self.exponent:g}"
+
+
+class AsyncBuffer:
+    """The update buffer for model ``version`` in async mode.
+
+    An update from base version ``b`` has staleness ``s = version - b``; it is refused as ``stale``
+    when ``s > max_staleness`` and as ``future`` when ``b > version``. Its delta is scaled by
+    ``weight(s)`` before the strategy folds it with its example count, so the averaged delta is
+    ``sum(n_i * w(s_i) * d_i) / sum(n_i)``: stale work moves the model less (FedBuff's rule, with
+    the example weighting of FedAvg). A device may contribute more than once to a buffer (a fast
+    device trains on every new version; its stale and fresh updates both count).
+    """
+
+    def __init__(self, version: int, shapes: Mapping[str, tuple[int, ...]], policy: RoundPolicy,
+                 opened_at: float, *, max_staleness: int, weight: StalenessWeight | None = None,
+                 accumulator: Any = None) -> None:
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
+        self.version = version
+        self.policy = policy
+        self.opened_at = opened_at
+        self.deadline = opened_at + policy.deadline_s
+        self.max_staleness = max_staleness
+        self.weight = weight or StalenessWeight()
+        self._mean = accumulator if accumulator is not None else WeightedMean(shapes)
+        self._examples = 0
+        self._bytes = 0
+        self._metric_sums: dict[str, float] = {}
+        self.staleness_counts: Counter[int] = Counter()
+
+    @property
+    def count(self) -> int:
+        return self._mean.count
+
+    def staleness(self, update: UpdateMessage) -> int:
+        return self.version - update.base_version
+
+    def check(self, update: UpdateMessage) -> None:
+        """Raise :class:`RejectedMessage` if ``update`` cannot join this buffer."""
+        staleness = self.staleness(update)
+        if staleness < 0:
+            raise RejectedMessage(Reason.FUTURE, f"computed from version {update.base_version}, which was never published (current {self.version})")
+        if staleness > self.max_staleness:
+            raise RejectedMessage(Reason.STALE, f"computed from version {update.base_version}, {staleness} versions behind "
+                                  f"{self.version}; max_staleness is {self.max_staleness}")
+
+    def scaled(self, update: UpdateMessage, delta: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        factor = self.weight(self.staleness(update))
+        if factor == 1.0:
+            return delta
+        return {name: np.multiply(value, np.float32(factor)) for name, value in delta.items()}
+
+    def check_delta(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
+        check = getattr(self._mean, "check", None)
+        if check is not None:
+            check(delta, weight)
+
+    def add(self, update: UpdateMessage, delta: Mapping[str, np.ndarray], payload_bytes: int) -> None:
+        """Fold a checked update, scaled by its staleness weight (call :meth:`check` first)."""
+        self.check(update)
+        self._mean.add(self.scaled(update, delta), update.num_examples)
+        self.staleness_counts[self.staleness(update)] += 1
+        self._examples += update.num_examples
+        self._bytes += payload_bytes
+        for name, value in update.metrics.items():
+            self._metric_sums[name] = self._metric_sums.get(name, 0.0) + value * update.num_examples
+
+    def ready(self, now: float) -> bool:
+        count = self.count
+        if count < self.policy.min_updates:
+            return False
+        return count >= self.policy.target_updates or now >= self.deadline
+
+    def result(self) -> RoundResult:
+        metrics = {f"train_{k}": v / self._examples for k, v in self._metric_sums.items()}
+        if self.count:
+            total = sum(self.staleness_counts.values())
+            metrics["mean_staleness"] = sum(s * n for s, n in self.staleness_counts.items()) / total
+            metrics["max_staleness"] = float(max(self.staleness_counts))
         return RoundResult(self.version, self._mean.result(), self.count, self._examples, self._bytes, metrics)

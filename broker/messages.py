@@ -29,7 +29,9 @@ MAX_TEXT = 512
 MAX_EXAMPLES = 2**31 - 1
 MAX_VERSION = 2**53
 _UPDATE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-MODES = ("sync",)
+MODES = ("sync", "async")
+MAX_STALENESS = 1000
+COMMANDS = ("pause", "resume")
 
 
 # -- field readers: each raises RejectedMessage(FIELD) naming the field -------------------------
@@ -121,14 +123,20 @@ def _no_tensors(frame: Frame, kind: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Task:
-    """What devices do with a model: the training settings the aggregator asks for."""
+    """What devices do with a model: the training settings the aggregator asks for.
 
-    mode: Literal["sync"] = "sync"
+    ``mode`` is ``sync`` (rounds: one update per device per version; an update for an older version
+    is dead) or ``async`` (buffered: devices train whenever they hold a model, and an update whose
+    base is at most ``max_staleness`` versions old is still taken, weighted down by its staleness).
+    """
+
+    mode: Literal["sync", "async"] = "sync"
     epochs: int = 5
     batch_size: int = 16
     lr: float = 0.2
     codec: str = "fp32"
     deadline_s: float = 60.0
+    max_staleness: int = 0              # async: how many versions old an update's base may be
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -142,16 +150,23 @@ class Task:
         if not (type(self.deadline_s) in (int, float) and math.isfinite(self.deadline_s)
                 and 0 < self.deadline_s <= 7 * 86400):
             raise ValueError(f"task deadline_s must be in (0, 604800], got {self.deadline_s!r}")
+        if not (type(self.max_staleness) is int and 0 <= self.max_staleness <= MAX_STALENESS):
+            raise ValueError(f"task max_staleness must be an integer from 0 to {MAX_STALENESS}, got {self.max_staleness!r}")
+        if self.mode == "sync" and self.max_staleness:
+            raise ValueError("task max_staleness applies to mode 'async' only; a sync round takes no stale update")
 
     def to_wire(self) -> dict[str, Any]:
-        return {"mode": self.mode, "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
-                "codec": self.codec, "deadline_s": self.deadline_s}
+        wire: dict[str, Any] = {"mode": self.mode, "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
+                                "codec": self.codec, "deadline_s": self.deadline_s}
+        if self.mode == "async":
+            wire["max_staleness"] = self.max_staleness
+        return wire
 
     @classmethod
     def from_wire(cls, value: Any) -> Task:
         if not isinstance(value, dict):
             raise RejectedMessage(Reason.FIELD, "task must be a map")
-        _check_keys(value, "task", {"mode", "epochs", "batch_size", "lr", "codec", "deadline_s"})
+        _check_keys(value, "task", {"mode", "epochs", "batch_size", "lr", "codec", "deadline_s"}, {"max_staleness"})
         try:
             return cls(
                 mode=_choice(value, "mode", MODES),  # type: ignore[arg-type]
@@ -160,6 +175,7 @@ class Task:
                 lr=_float(value, "lr", 0.0, 100.0),
                 codec=_text(value, "codec", max_len=32),
                 deadline_s=_float(value, "deadline_s", 0.0, 7 * 86400.0),
+                max_staleness=_int(value, "max_staleness", 0, MAX_STALENESS) if "max_staleness" in value else 0,
             )
         except ValueError as exc:
             if isinstance(exc, RejectedMessage):
@@ -363,12 +379,15 @@ class DeviceStatus:
     since: float = 0.0
     detail: str = ""
     counters: Mapping[str, float] = field(default_factory=dict)
+    paused: bool = False                # an operator paused local training (Command "pause")
 
     def encode(self) -> bytes:
         header = {"kind": self.KIND, "schema": SCHEMA, "device": self.device, "state": self.state,
                   "model_version": self.model_version, "software": self.software, "platform": self.platform,
                   "backend": self.backend, "since": self.since, "detail": self.detail[:MAX_TEXT],
                   "counters": dict(self.counters)}
+        if self.paused:
+            header["paused"] = True  # only when set: older readers refuse unknown keys
         return encode_frame(header)
 
     @classmethod
@@ -376,7 +395,9 @@ class DeviceStatus:
         h = frame.header
         _no_tensors(frame, cls.KIND)
         _check_keys(h, cls.KIND, {"device", "state"},
-                    {"model_version", "software", "platform", "backend", "since", "detail", "counters"})
+                    {"model_version", "software", "platform", "backend", "since", "detail", "counters", "paused"})
+        if "paused" in h and type(h["paused"]) is not bool:
+            raise RejectedMessage(Reason.FIELD, f"paused must be true or false, got {h['paused']!r}")
         return cls(
             device=_device(h),
             state=_choice(h, "state", ("online", "offline")),  # type: ignore[arg-type]
@@ -387,6 +408,7 @@ class DeviceStatus:
             since=_float(h, "since", 0.0, 1e11) if "since" in h else 0.0,
             detail=_text(h, "detail", optional=True),
             counters=_metrics(h, "counters"),
+            paused=bool(h.get("paused", False)),
         )
 
 
@@ -422,9 +444,41 @@ class AggregatorStatus:
         )
 
 
-Message = ModelMessage | UpdateMessage | Receipt | DeviceStatus | AggregatorStatus
+@dataclass(frozen=True, slots=True)
+class Command:
+    """An operator's command to one device (``cmd/{device}``) or to all (``cmd/all``), retained.
+
+    ``pause`` stops local training (the device stays online, keeps its model and still sends
+    updates already trained); ``resume`` restarts it. A device obeys the newest command by
+    ``issued_at`` of the two topics, so a fleet-wide resume overrides an older per-device pause.
+    """
+
+    KIND: ClassVar[str] = "command"
+    command: Literal["pause", "resume"]
+    issued_at: float
+    issued_by: str = ""
+    reason: str = ""
+
+    def encode(self) -> bytes:
+        return encode_frame({"kind": self.KIND, "schema": SCHEMA, "command": self.command, "issued_at": self.issued_at,
+                             "issued_by": self.issued_by, "reason": self.reason[:MAX_TEXT]})
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Command:
+        h = frame.header
+        _no_tensors(frame, cls.KIND)
+        _check_keys(h, cls.KIND, {"command", "issued_at"}, {"issued_by", "reason"})
+        return cls(
+            command=_choice(h, "command", COMMANDS),  # type: ignore[arg-type]
+            issued_at=_float(h, "issued_at", 0.0, 1e11),
+            issued_by=_text(h, "issued_by", max_len=64, optional=True),
+            reason=_text(h, "reason", optional=True),
+        )
+
+
+Message = ModelMessage | UpdateMessage | Receipt | DeviceStatus | AggregatorStatus | Command
 MESSAGE_TYPES: dict[str, type] = {
-    t.KIND: t for t in (ModelMessage, UpdateMessage, Receipt, DeviceStatus, AggregatorStatus)
+    t.KIND: t for t in (ModelMessage, UpdateMessage, Receipt, DeviceStatus, AggregatorStatus, Command)
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import platform
 import time
@@ -25,8 +26,16 @@ from fedmq.broker import topics
 from fedmq.broker.codecs import CODECS, get_codec
 from fedmq.broker.errors import Reason, RejectedMessage
 from fedmq.broker.files import write_atomic
-from fedmq.broker.messages import BackboneRef, DeviceStatus, ModelMessage, Receipt, UpdateMessage, decode_message
-from fedmq.broker.session import cancel_tasks, raise_first_failure, run_connected
+from fedmq.broker.messages import (
+    BackboneRef,
+    Command,
+    DeviceStatus,
+    ModelMessage,
+    Receipt,
+    UpdateMessage,
+    decode_message,
+)
+from fedmq.broker.session import cancel_tasks, raise_first_failure, run_connected, sleep_or_stop
 from fedmq.broker.signing import TrustStore, key_id, load_public_key
 
 from .backends import Backend, BackendError, load_backend
@@ -40,6 +49,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.fmq"
 RESIDUAL_FILE = "residual.npz"
+COMMAND_FILE = "command.json"
 #: How long a stopping agent waits for the training thread in hand.
 TRAINING_EXIT_TIMEOUT_S = 60.0
 
@@ -88,7 +98,10 @@ class Agent:
         self._client: aiomqtt.Client | None = None
         self._since = time.time()
         self._stop = asyncio.Event()
+        self.paused = False
+        self._command_at = 0.0  # issued_at of the command in force (newest of cmd/{device} and cmd/all)
         self._load_installed_model()
+        self._load_command()
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -106,6 +119,38 @@ class Agent:
             log.info("%s: serving installed model v%d from %s", self.device, self.model.version, path)
         except (OSError, RejectedMessage) as exc:
             log.warning("%s: ignoring unreadable installed model %s: %s", self.device, path, exc)
+
+    def _load_command(self) -> None:
+        # the operator's pause holds across restarts, also before the broker is reachable
+        path = self.state_dir / COMMAND_FILE
+        try:
+            saved = json.loads(path.read_text())
+            self.paused, self._command_at = saved["command"] == "pause", float(saved["issued_at"])
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: ignoring unreadable %s: %s", self.device, path, exc)
+
+    def apply_command(self, payload: bytes) -> Command | None:
+        """Obey an operator command if it is newer than the one in force; return it, or None."""
+        try:
+            command: Command = decode_message(payload, max_bytes=64 * 1024, expect=Command)
+        except RejectedMessage as exc:
+            self.counters["commands_rejected"] += 1
+            log.warning("%s: unreadable command: %s", self.device, exc)
+            return None
+        if command.issued_at <= self._command_at:
+            return None  # an older command (the other topic's retained copy): the newer one stands
+        self._command_at = command.issued_at
+        self.paused = command.command == "pause"
+        write_atomic(self.state_dir / COMMAND_FILE,
+                     json.dumps({"command": command.command, "issued_at": command.issued_at}).encode())
+        self.counters[f"commands_{command.command}"] += 1
+        log.info("%s: %s by %s%s", self.device, "paused" if self.paused else "resumed", command.issued_by or "operator",
+                 f": {command.reason}" if command.reason else "")
+        if not self.paused:
+            self._model_changed.set()  # train on the model in hand if it is new to us
+        return command
 
     def dataset(self) -> tuple[np.ndarray, np.ndarray]:
         if self._dataset is None:
@@ -204,20 +249,44 @@ class Agent:
         self._embedded = (model.backbone.sha256, embedded)
         return embedded
 
+    def still_wanted(self, base_version: int) -> bool:
+        """Whether the aggregator still takes an update computed from ``base_version``: in sync
+        mode only for the current version, in async mode up to ``max_staleness`` versions behind."""
+        if self.model is None:
+            return True
+        task = self.model.task
+        allowed = task.max_staleness if task.mode == "async" else 0
+        return base_version >= self.model.version - allowed
+
     def _drop_superseded(self) -> None:
-        # in sync mode the aggregator only takes updates for its current version: waiting ones are dead
         for entry in self.outbox.entries():
-            if entry.base_version < self.model_version:
+            if not self.still_wanted(entry.base_version):
                 self.outbox.remove(entry.update_id)
+                self._return_to_residual(entry.payload)
                 self.counters["updates_superseded"] += 1
                 log.info("%s: dropped update %s for v%d: superseded by v%d before its receipt came",
                          self.device, entry.update_id, entry.base_version, self.model_version)
+
+    def _return_to_residual(self, payload: bytes) -> None:
+        """A lossy-codec update is dropped unsent: its content goes back into the error-feedback
+        residual, so it is delayed to the next update rather than lost."""
+        try:
+            update: UpdateMessage = decode_message(payload, max_bytes=len(payload) + 1, expect=UpdateMessage)
+            if update.codec == "fp32":
+                return
+            if self.model is None:
+                return
+            shapes = self.model.arch.param_shapes()
+            self.error_feedback.restore(get_codec(update.codec).decode(update.tensors, shapes))
+            self.error_feedback.save(self.state_dir / RESIDUAL_FILE)
+        except (RejectedMessage, ValueError, KeyError) as exc:
+            log.warning("%s: could not return a dropped update to the residual: %s", self.device, exc)
 
     def status(self, state: str = "online") -> DeviceStatus:
         return DeviceStatus(
             device=self.device, state=state, model_version=self.model_version, software=__version__,  # type: ignore[arg-type]
             platform=platform_string(), backend=self.backend.name if self.backend else self.config.backend, since=self._since, detail=self.detail,
-            counters={k: float(v) for k, v in sorted(self.counters.items())},
+            counters={k: float(v) for k, v in sorted(self.counters.items())}, paused=self.paused,
         )
 
     def train_once(self, model: ModelMessage) -> tuple[UpdateMessage, bytes]:
@@ -278,6 +347,8 @@ class Agent:
         self._client = client
         await client.subscribe(topics.model_topic(fleet), qos=1)
         await client.subscribe(topics.receipt_topic(fleet, self.device), qos=1)
+        await client.subscribe(topics.command_topic(fleet, self.device), qos=1)
+        await client.subscribe(topics.broadcast_command_topic(fleet), qos=1)
         await self._fetch_artifact_if_missing(client)
         await self.publish_status(client)
         self.outbox.reset_schedule()
@@ -314,6 +385,7 @@ class Agent:
         fleet = self.config.fleet
         model_filter = topics.model_topic(fleet)
         artifact_filter = topics.artifacts_filter(fleet)
+        receipt_topic = topics.receipt_topic(fleet, self.device)
         async for message in client.messages:
             payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
             self.counters["bytes_received"] += len(payload)
@@ -326,8 +398,11 @@ class Agent:
                 if self.store_artifact(sha256, payload):
                     await client.unsubscribe(str(message.topic))  # retained and large: once is enough
                 self._status_dirty.set()
-            else:
+            elif message.topic.matches(receipt_topic):
                 self._on_receipt(payload)
+            else:  # cmd/{device} or cmd/all
+                if self.apply_command(payload) is not None:
+                    self._status_dirty.set()
 
     def _on_model(self, payload: bytes) -> None:
         try:
@@ -370,8 +445,8 @@ class Agent:
             await self._model_changed.wait()
             self._model_changed.clear()
             model = self.model
-            if model is None or model.version <= trained_version:
-                continue
+            if model is None or model.version <= trained_version or self.paused:
+                continue  # a resume sets _model_changed again
             if model.backbone is not None and self.artifact(model.backbone) is None:
                 self._artifact_arrived.clear()
                 await self._artifact_arrived.wait()
@@ -379,8 +454,12 @@ class Agent:
                 continue
             try:
                 # shielded: cancelling the trainer must not abandon a thread that is writing state
+                started = time.monotonic()
                 self._training = asyncio.get_running_loop().run_in_executor(None, self.train_once, model)
                 update, payload = await asyncio.shield(self._training)
+                if self.config.slowdown > 1.0:
+                    # a simulated straggler: as if this device's CPU were `slowdown` times slower
+                    await sleep_or_stop(self._stop, (self.config.slowdown - 1.0) * (time.monotonic() - started))
             except Exception as exc:  # noqa: BLE001 - the trainer must outlive any one failure
                 # reported on the status topic; the agent keeps serving and waits for the next model
                 self.detail = f"training v{model.version} failed: {exc}"
@@ -393,10 +472,11 @@ class Agent:
                 self._status_dirty.set()
                 continue
             trained_version = model.version
-            if self.model is not None and self.model.version != model.version:
+            if not self.still_wanted(model.version):
                 self.counters["updates_superseded"] += 1
                 log.info("%s: v%d arrived while training on v%d; discarding that update", self.device,
-                         self.model.version, model.version)
+                         self.model_version, model.version)
+                self._return_to_residual(payload)
                 self._model_changed.set()
                 continue
             self.outbox.put(update, payload)

@@ -34,6 +34,7 @@ class AgentConfig:
     resend_after_s: float = 30.0      # re-publish an update whose receipt has not come after this long
     seed: str | None = None           # shuffling seed for local training; default: the device id
     fleet_public_key: Path | None = None  # Ed25519 public key (PEM): when set, only signed models install
+    slowdown: float = 1.0             # >1 sleeps (slowdown-1) x the training time after each update: a simulated straggler
 
     def __post_init__(self) -> None:
         for key, check, value in (("device_id", check_device, self.device_id),
@@ -44,6 +45,8 @@ class AgentConfig:
                 raise ConfigError(str(exc), key=key) from None
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; available: {list(BACKENDS)}", key="backend")
+        if not 1.0 <= self.slowdown <= 1000.0:
+            raise ConfigError(f"must be from 1 (no slowdown) to 1000, got {self.slowdown}", key="slowdown")
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> AgentConfig:
@@ -65,6 +68,7 @@ class AgentConfig:
                 resend_after_s=top.get("resend_after_s", float, 30.0, check=lambda v: v > 0, expect="positive"),
                 seed=top.get("seed", str, None),
                 fleet_public_key=Path(k) if (k := top.get("fleet_public_key", str, None)) else None,
+                slowdown=top.get("slowdown", float, 1.0),
                 broker=BrokerSettings.from_config(top.section("broker")),
             )
             top.finish()

@@ -15,6 +15,7 @@ top-k keeping 1% of the entries. The residual is device state: :meth:`ErrorFeedb
 from __future__ import annotations
 
 import io
+import threading
 import logging
 import zipfile
 from collections.abc import Mapping
@@ -32,27 +33,43 @@ class ErrorFeedback:
 
     def __init__(self) -> None:
         self._residual: dict[str, np.ndarray] = {}
+        # updates dropped unsent (restore) while a training thread may be between compensate and
+        # update: kept apart so that update() cannot overwrite them, folded in by the next compensate
+        self._returned: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
 
     @property
     def residual(self) -> dict[str, np.ndarray]:
-        """A copy of the current residual (empty before the first :meth:`update`)."""
-        return {name: array.copy() for name, array in self._residual.items()}
+        """A copy of what the next :meth:`compensate` adds (empty before the first :meth:`update`)."""
+        with self._lock:
+            return self._combined()
+
+    def _combined(self) -> dict[str, np.ndarray]:
+        if not self._returned:
+            return {name: array.copy() for name, array in self._residual.items()}
+        if not self._residual:
+            return {name: array.copy() for name, array in self._returned.items()}
+        return {name: array + self._returned[name] for name, array in self._residual.items()}
 
     def norm(self) -> float:
         """L2 norm of the whole residual."""
-        return float(np.sqrt(sum(float(np.dot(r.reshape(-1), r.reshape(-1))) for r in self._residual.values())))
+        return float(np.sqrt(sum(float(np.dot(r.reshape(-1), r.reshape(-1))) for r in self.residual.values())))
 
     def reset(self) -> None:
         """Forget the residual (e.g. when the model's architecture changes)."""
-        self._residual = {}
+        with self._lock:
+            self._residual, self._returned = {}, {}
 
     def compensate(self, delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``delta + residual`` as float32; a residual that does not fit ``delta`` is discarded first."""
         delta32 = {name: np.asarray(value, dtype=np.float32) for name, value in delta.items()}
-        self._discard_unless_matching({name: value.shape for name, value in delta32.items()})
-        if not self._residual:
+        with self._lock:
+            self._discard_unless_matching({name: value.shape for name, value in delta32.items()})
+            carried = self._combined()
+            self._residual, self._returned = carried, {}
+        if not carried:
             return {name: value.copy() for name, value in delta32.items()}
-        return {name: value + self._residual[name] for name, value in delta32.items()}
+        return {name: value + carried[name] for name, value in delta32.items()}
 
     def update(self, compensated: Mapping[str, np.ndarray], decoded: Mapping[str, np.ndarray]) -> None:
         """Keep ``compensated - decoded``: what the codec lost this round."""
@@ -66,15 +83,30 @@ class ErrorFeedback:
             if value.shape != sent.shape:
                 raise ValueError(f"tensor {name!r}: compensated shape {value.shape}, decoded {sent.shape}")
             residual[name] = value - sent
-        self._residual = residual
+        with self._lock:
+            self._residual = residual
+
+    def restore(self, decoded: Mapping[str, np.ndarray]) -> None:
+        """Add back what an update sent (``decoded``) when that update is dropped unsent: after
+        :meth:`update` the residual holds only what the codec left out, so without this the
+        dropped update's content would be lost rather than delayed."""
+        shapes = {name: np.shape(value) for name, value in decoded.items()}
+        with self._lock:
+            self._discard_unless_matching(shapes)
+            if not self._returned:
+                self._returned = {name: np.asarray(value, dtype=np.float32).copy() for name, value in decoded.items()}
+            else:
+                self._returned = {name: value + np.asarray(decoded[name], dtype=np.float32)
+                                  for name, value in self._returned.items()}
 
     def save(self, path: Path | str) -> None:
         """Write the residual to ``path`` (npz) atomically: a crash leaves the old file or the new."""
         buffer = io.BytesIO()
+        residual = self.residual  # what a restarted agent must still send: the returned part included
         # a list of names keeps arbitrary parameter names (dots, colons) out of the zip member names
-        names = list(self._residual)
+        names = list(residual)
         np.savez(buffer, names=np.array(names, dtype=np.str_),
-                 **{f"r{i}": self._residual[name] for i, name in enumerate(names)})
+                 **{f"r{i}": residual[name] for i, name in enumerate(names)})
         write_atomic(Path(path), buffer.getbuffer())
 
     def load(self, path: Path | str, shapes: Mapping[str, tuple[int, ...]] | None = None) -> bool:
@@ -84,7 +116,7 @@ class ErrorFeedback:
         residual whose names or shapes differ from the current model, is discarded with a log line:
         losing a residual costs a little accuracy, applying a wrong one would corrupt the model.
         """
-        self._residual = {}
+        self.reset()
         path = Path(path)
         if not path.exists():
             return False
@@ -104,11 +136,11 @@ class ErrorFeedback:
         return bool(self._residual)
 
     def _discard_unless_matching(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        if not self._residual:
-            return
-        mine = {name: array.shape for name, array in self._residual.items()}
         theirs = {name: tuple(shape) for name, shape in shapes.items()}
-        if mine != theirs:
-            log.warning("discarding error-feedback residual: its tensors %s do not match the model's %s",
-                        mine, theirs)
-            self._residual = {}
+        for attr in ("_residual", "_returned"):
+            held: dict[str, np.ndarray] = getattr(self, attr)
+            mine = {name: array.shape for name, array in held.items()}
+            if held and mine != theirs:
+                log.warning("discarding error-feedback residual: its tensors %s do not match the model's %s",
+                            mine, theirs)
+                setattr(self, attr, {})

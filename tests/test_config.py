@@ -478,7 +478,13 @@ def test_aggregator_invalid_values_name_key_and_file(data: dict, key: str) -> No
     [
         {"task": {"epochs": 0}},
         {"task": {"lr": 0.0}},
-        {"task": {"mode": "async"}},
+        {"task": {"mode": "turbo"}},
+        {"task": {"mode": "async"}, "async": {"buffer_size": 0}},
+        {"task": {"mode": "async"}, "async": {"max_staleness": -1}},
+        {"task": {"mode": "async"}, "async": {"staleness": "linear"}},
+        {"task": {"mode": "async"}, "async": {"buffer_sise": 4}},
+        {"task": {"mode": "async"}, "async": {"buffer_size": 2}, "rounds": {"min_updates": 3}},
+        {"task": {"mode": "async"}, "rounds": {"strategy": "median"}},
         {"model": {"classes": 1}},
         {"model": {"hidden": [0]}},
         {"task": {"deadline_s": -1.0}},
@@ -487,6 +493,17 @@ def test_aggregator_invalid_values_name_key_and_file(data: dict, key: str) -> No
 def test_aggregator_invalid_task_or_model_is_a_config_error_naming_the_file(data: dict) -> None:
     error = config_error(lambda: AggregatorConfig.from_mapping({"state_dir": "/s", **data}, source=SOURCE))
     assert error.source == SOURCE
+
+
+def test_aggregator_async_settings_reach_the_task_and_the_buffer() -> None:
+    config = AggregatorConfig.from_mapping({
+        "state_dir": "/s", "task": {"mode": "async"},
+        "async": {"buffer_size": 4, "max_staleness": 6, "staleness": "hinge", "staleness_hinge_a": 2.0, "staleness_hinge_b": 1.0},
+    }, source=SOURCE)
+    assert (config.task.mode, config.task.max_staleness, config.buffer_size) == ("async", 6, 4)
+    assert config.staleness(1) == 1.0 and config.staleness(3) == pytest.approx(1 / 5)
+    sync = AggregatorConfig.from_mapping({"state_dir": "/s", "async": {"max_staleness": 6}}, source=SOURCE)
+    assert sync.task.max_staleness == 0  # the [async] section only matters in async mode
 
 
 def test_aggregator_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:

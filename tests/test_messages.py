@@ -13,6 +13,7 @@ from fedmq.broker.messages import (
     MAX_TEXT,
     MAX_VERSION,
     AggregatorStatus,
+    Command,
     DeviceStatus,
     ModelMessage,
     Receipt,
@@ -20,6 +21,7 @@ from fedmq.broker.messages import (
     UpdateMessage,
     decode_message,
 )
+from fedmq.broker.wire import encode_frame
 
 BIG = 16 * 1024 * 1024
 NAN = float("nan")
@@ -431,7 +433,12 @@ TASK_WIRE_CASES = [
     (task_wire(deadline_s=0), Reason.FIELD),
     (task_wire(deadline_s=7 * 86400 + 1), Reason.FIELD),
     (task_wire(deadline_s=NAN), Reason.NON_FINITE),
-    (task_wire(mode="async"), Reason.FIELD),
+    (task_wire(mode="turbo"), Reason.FIELD),
+    (task_wire(max_staleness=3), Reason.FIELD),                     # sync mode takes no stale update
+    (task_wire(mode="async", max_staleness=-1), Reason.FIELD),
+    (task_wire(mode="async", max_staleness=1001), Reason.FIELD),
+    (task_wire(mode="async", max_staleness=True), Reason.FIELD),
+    (task_wire(mode="async", max_staleness=2.0), Reason.FIELD),
     (task_wire(codec=5), Reason.FIELD),
     (task_wire(codec="c" * 33), Reason.FIELD),
     (task_wire(extra=1), Reason.FIELD),
@@ -443,6 +450,33 @@ TASK_WIRE_CASES = [
 @pytest.mark.parametrize(("task", "reason"), TASK_WIRE_CASES)
 def test_task_rejections_from_the_wire(task, reason: Reason) -> None:
     rejected(frame(model_header(task=task), model_params()), reason)
+
+
+def test_async_task_round_trips_and_sync_task_wire_is_unchanged() -> None:
+    task = Task(mode="async", max_staleness=7, codec="int8")
+    out = decode_message(ModelMessage(fleet="f1", version=2, parent=1, arch=ARCH, task=task, params=ARCH.init_params(0),
+                                      created=1.0).encode(), max_bytes=BIG)
+    assert out.task == task
+    assert "max_staleness" not in Task().to_wire()  # older agents keep reading sync models
+    assert Task(mode="async").to_wire()["max_staleness"] == 0
+
+
+def test_command_round_trip_and_rejections() -> None:
+    command = Command("pause", issued_at=1700000000.5, issued_by="ops-alice", reason="battery test")
+    assert decode_message(command.encode(), max_bytes=BIG) == command
+    header = {"kind": "command", "schema": 1, "command": "reboot", "issued_at": 1.0}
+    rejected(encode_frame(header), Reason.FIELD)
+    rejected(encode_frame({**header, "command": "pause", "issued_at": NAN}), Reason.NON_FINITE)
+    rejected(encode_frame({**header, "command": "pause", "extra": 1}), Reason.FIELD)
+    rejected(encode_frame({**header, "command": "pause"}, {"w": np.zeros(2, np.float32)}), Reason.TENSORS)
+
+
+def test_device_status_paused_flag_round_trips_and_is_checked() -> None:
+    status = DeviceStatus(device="d1", state="online", paused=True)
+    assert decode_message(status.encode(), max_bytes=BIG).paused is True
+    unpaused = DeviceStatus(device="d1", state="online")
+    assert b"paused" not in unpaused.encode()
+    rejected(encode_frame({"kind": "status", "schema": 1, "device": "d1", "state": "online", "paused": 1}), Reason.FIELD)
 
 
 def test_task_bounds_from_the_wire_are_inclusive() -> None:
@@ -476,12 +510,14 @@ def test_task_defaults() -> None:
         {"deadline_s": 604800.5},
         {"deadline_s": NAN},
         {"deadline_s": INF},
-        {"mode": "async"},
+        {"mode": "batch"},
+        {"max_staleness": 2},
+        {"mode": "async", "max_staleness": -1},
     ],
     ids=str,
 )
 def test_task_constructor_rejects(kwargs: dict) -> None:
-    with pytest.raises(ValueError, match=next(iter(kwargs))):
+    with pytest.raises(ValueError, match=list(kwargs)[-1]):
         Task(**kwargs)
 
 
