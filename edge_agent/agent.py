@@ -95,6 +95,7 @@ class Agent:
         self._embedded: tuple[str, np.ndarray] | None = None  # (backbone sha256, embedded local x)
         self._model_changed = asyncio.Event()
         self._outbox_changed = asyncio.Event()
+        self._receipt_arrived = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self._since = time.time()
         self._stop = asyncio.Event()
@@ -426,6 +427,7 @@ class Agent:
             log.warning("%s: unreadable receipt: %s", self.device, exc)
             return
         known = self.outbox.remove(receipt.update_id)
+        self._receipt_arrived.set()
         if receipt.status == "accepted":
             self.counters["accepted"] += 1
             log.info("%s: update %s accepted", self.device, receipt.update_id)
@@ -447,6 +449,17 @@ class Agent:
             model = self.model
             if model is None or model.version <= trained_version or self.paused:
                 continue  # a resume sets _model_changed again
+            if model.task.mode == "async" and len(self.outbox):
+                # one update in flight per device (FedBuff's concurrency): a device that outpaces
+                # the aggregator would otherwise queue updates that are stale on arrival
+                self._receipt_arrived.clear()
+                try:
+                    async with asyncio.timeout(1.0):
+                        await self._receipt_arrived.wait()
+                except TimeoutError:
+                    pass
+                self._model_changed.set()  # look again, at the newest model
+                continue
             if model.backbone is not None and self.artifact(model.backbone) is None:
                 self._artifact_arrived.clear()
                 await self._artifact_arrived.wait()

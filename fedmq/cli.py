@@ -71,7 +71,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         agents=args.agents, rounds=args.rounds, alpha=args.alpha, seed=args.seed, broker_url=args.broker,
         prefer_broker=args.local_broker, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         report=Path(args.report) if args.report else None, timeout_s=args.timeout, backend=args.backend,
-        secure=args.secure, codec=args.codec,
+        secure=args.secure, codec=args.codec, mode=args.mode, stragglers=args.stragglers, slowdown=args.slowdown,
+        buffer_size=args.buffer_size, max_staleness=args.max_staleness, keep_running=args.keep_running,
     )
 
     async def demo(stop: asyncio.Event) -> None:
@@ -227,6 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="mutual TLS with per-device certificates, broker ACLs and signed models (needs Mosquitto)")
     demo.add_argument("--backend", choices=["auto", "numpy", "onnx", "wasm"], default="auto",
                       help="the agents' training backend (default auto: the fastest one installed)")
+    demo.add_argument("--mode", choices=["sync", "async"], default="sync",
+                      help="sync rounds (wait for the fleet) or async buffered aggregation (FedBuff: a version every "
+                      "--buffer-size updates, stale updates weighted 1/sqrt(1+staleness)); default sync")
+    demo.add_argument("--buffer-size", type=int, metavar="K", help="async: updates per version (default: half the agents)")
+    demo.add_argument("--max-staleness", type=int, default=10, metavar="S",
+                      help="async: take updates computed up to S versions ago (default 10)")
+    demo.add_argument("--stragglers", type=float, default=0.0, metavar="FRACTION",
+                      help="make this fraction of the agents slow (default 0)")
+    demo.add_argument("--slowdown", type=float, default=5.0, metavar="X",
+                      help="how many times slower the stragglers are: they sleep in proportion to their work (default 5)")
+    demo.add_argument("--keep-running", action="store_true",
+                      help="after the rounds, keep the fleet training until Ctrl-C, so that `fedmq fleet ...` can be tried on it")
     demo.add_argument("--report", metavar="FILE.json", help="write one JSON object per model version to this file")
     demo.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (default 600)")
     demo.set_defaults(func=cmd_demo)

@@ -61,6 +61,14 @@ class DemoOptions:
     backend: str = "auto"               # the agents' training backend: auto | numpy | onnx | wasm
     codec: str = "fp32"                 # the delta codec the task asks for
     secure: bool = False                # TLS with per-device certificates, ACLs and signed models
+    mode: str = "sync"                  # sync rounds | async buffered aggregation (FedBuff)
+    stragglers: float = 0.0             # this fraction of the agents is `slowdown` times slower
+    slowdown: float = 5.0
+    buffer_size: int | None = None      # async: updates per version (default: half the agents)
+    max_staleness: int = 10             # async: oldest base version taken, in versions behind
+    server_lr: float = 1.0
+    keep_running: bool = False          # after the rounds, keep the fleet training until stopped (for ops tools)
+    target_accuracy: float | None = None  # stop at the first version that reaches this test accuracy
 
     def __post_init__(self) -> None:
         if not 1 <= self.agents <= 1000:
@@ -69,6 +77,23 @@ class DemoOptions:
             raise ValueError(f"--rounds must be from 1 to 10000, got {self.rounds}")
         if not self.alpha > 0:
             raise ValueError(f"--alpha must be positive, got {self.alpha}")
+        if self.mode not in ("sync", "async"):
+            raise ValueError(f"--mode must be sync or async, got {self.mode!r}")
+        if not 0 <= self.stragglers <= 1:
+            raise ValueError(f"--stragglers is a fraction of the agents, from 0 to 1, got {self.stragglers}")
+        if not 1 <= self.slowdown <= 1000:
+            raise ValueError(f"--slowdown must be from 1 to 1000, got {self.slowdown}")
+        if self.buffer_size is not None and not 1 <= self.buffer_size:
+            raise ValueError(f"--buffer-size must be at least 1, got {self.buffer_size}")
+
+    @property
+    def effective_buffer_size(self) -> int:
+        return self.buffer_size or max(1, self.agents // 2)
+
+    def straggler_indices(self) -> set[int]:
+        """Which agents are slowed down: a seeded choice, the same for sync and async runs."""
+        count = round(self.stragglers * self.agents)
+        return set(np.random.default_rng([self.seed, 7]).permutation(self.agents)[:count].tolist())
 
 
 def load_digits_split(seed: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -179,13 +204,22 @@ async def _run_fleet(opts: DemoOptions, settings: BrokerSettings, arch: MLPArchi
                      y_test: np.ndarray, workdir: Path, say: Callable[[str], None],
                      secure: SecureFleet | None = None) -> list[VersionRow]:
     stop = asyncio.Event()
-    task = Task(epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, deadline_s=opts.deadline_s, codec=opts.codec)
+    task = Task(epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, deadline_s=opts.deadline_s, codec=opts.codec,
+                mode=opts.mode, max_staleness=opts.max_staleness if opts.mode == "async" else 0)  # type: ignore[arg-type]
+    buffer_size = opts.effective_buffer_size
+    min_updates = math.ceil(opts.agents / 2) if opts.mode == "sync" else min(math.ceil(opts.agents / 2), buffer_size)
     aggregator = Aggregator(AggregatorConfig(
         fleet=fleet, state_dir=workdir / "aggregator", broker=settings, client_id=f"{fleet}-aggregator",
-        arch=arch, seed=opts.seed, task=task,
-        policy=RoundPolicy(min_updates=math.ceil(opts.agents / 2), target_updates=opts.agents, deadline_s=opts.deadline_s),
-        max_rounds=opts.rounds, signing_key=secure.signing_key if secure else None,
+        arch=arch, seed=opts.seed, task=task, buffer_size=buffer_size, server_lr=opts.server_lr,
+        policy=RoundPolicy(min_updates=min_updates, target_updates=opts.agents, deadline_s=opts.deadline_s),
+        max_rounds=0 if opts.keep_running else opts.rounds, signing_key=secure.signing_key if secure else None,
     ))
+    slow = opts.straggler_indices()
+    if opts.mode == "async":
+        say(f"async buffered aggregation: a version every {buffer_size} updates, staleness up to {opts.max_staleness} "
+            f"versions weighted {aggregator.config.staleness.describe()}")
+    if slow:
+        say(f"stragglers: agents {sorted(slow)} train {opts.slowdown:g}x slower")
     agents = []
     for i, shard in enumerate(shards):
         device = f"{fleet}-agent{i:03d}"
@@ -195,7 +229,7 @@ async def _run_fleet(opts: DemoOptions, settings: BrokerSettings, arch: MLPArchi
         agents.append(Agent(AgentConfig(device_id=device, fleet=fleet, state_dir=data_file.parent, data=data_file,
                                         broker=secure.settings(device) if secure else settings,
                                         fleet_public_key=secure.public_key if secure else None, seed=f"demo-{opts.seed}-agent{i}",
-                                        backend=opts.backend)))
+                                        backend=opts.backend, slowdown=opts.slowdown if i in slow else 1.0)))
 
     rows: list[VersionRow] = []
     final = opts.rounds + 1
@@ -223,7 +257,13 @@ async def _run_fleet(opts: DemoOptions, settings: BrokerSettings, arch: MLPArchi
                 last_time = now
                 rows.append(row)
                 say(format_row(row))
-                if model.version >= final:
+                if opts.target_accuracy is not None and accuracy >= opts.target_accuracy:
+                    return
+                if model.version == final and opts.keep_running:
+                    say(f"{opts.rounds} rounds done; the fleet keeps training until Ctrl-C. Try, in another shell:\n"
+                        f"  fedmq fleet status --broker {settings.url} --fleet {fleet}\n"
+                        f"  fedmq report --state-dir {workdir / 'aggregator'} --out fedmq-report")
+                if model.version >= final and not opts.keep_running:
                     return
 
     started = time.monotonic()
@@ -239,7 +279,8 @@ async def _run_fleet(opts: DemoOptions, settings: BrokerSettings, arch: MLPArchi
     runners = [asyncio.create_task(aggregator.run(stop), name="aggregator")]
     runners += [asyncio.create_task(a.run(stop), name=a.device) for a in agents]
     try:
-        done, _ = await asyncio.wait([observer_task, *runners], timeout=opts.timeout_s, return_when=asyncio.FIRST_EXCEPTION)
+        done, _ = await asyncio.wait([observer_task, *runners], timeout=None if opts.keep_running else opts.timeout_s,
+                                     return_when=asyncio.FIRST_EXCEPTION)
         for t in done:
             if t.exception() is not None:
                 log.error("%s failed", t.get_name(), exc_info=t.exception())
@@ -254,7 +295,8 @@ async def _run_fleet(opts: DemoOptions, settings: BrokerSettings, arch: MLPArchi
         history.close()
     elapsed = time.monotonic() - started
     best = rows[-1]
-    say(f"final model v{best.version}: test accuracy {best.accuracy:.4f}, loss {best.loss:.4f} after {opts.rounds} rounds "
+    say(f"final model v{best.version}: test accuracy {best.accuracy:.4f}, loss {best.loss:.4f} after {best.version - 1} "
+        f"{'rounds' if opts.mode == 'sync' else 'buffered versions'} "
         f"in {elapsed:.1f}s; uploaded {sum(r.bytes_up for r in rows)} bytes in "
         f"{sum(r.updates for r in rows)} updates; rejected {int(aggregator.counters['rejected'])}")
     if opts.report:
