@@ -46,6 +46,8 @@ class AggregatorConfig:
     norm_mode: str = "clip"
     signing_key: Path | None = None     # Ed25519 private key (PEM): models are signed when set
     next_public_key: Path | None = None # announce this public key (PEM) in every model: key rotation
+    metrics_host: str = "127.0.0.1"     # Prometheus /metrics address; port 0 = no endpoint
+    metrics_port: int = 0               # (config files default to 9108)
 
     def __post_init__(self) -> None:
         for key, value in (("fleet", self.fleet), ("client_id", self.client_id)):
@@ -142,6 +144,9 @@ class AggregatorConfig:
             lim = top.section("limits")
             max_update_bytes = lim.get("max_update_bytes", int, DEFAULT_MAX_UPDATE_BYTES,
                                        check=lambda v: 1024 <= v <= 256 * 1024 * 1024, expect="1 KiB to 256 MiB")
+            met = top.section("metrics")
+            metrics_host = met.get("host", str, "127.0.0.1")
+            metrics_port = met.get("port", int, 9108, check=lambda v: 0 <= v < 65536, expect="0 (off) to 65535")
             sig = top.section("signing")
             signing_key = Path(k) if (k := sig.get("key_file", str, None)) else None
             next_public_key = Path(k) if (k := sig.get("next_public_key_file", str, None)) else None
@@ -153,6 +158,7 @@ class AggregatorConfig:
                 server_tau=server_tau,
                 max_update_bytes=max_update_bytes, signing_key=signing_key, strategy=strategy,
                 trim_fraction=trim_fraction, max_norm=max_norm, norm_mode=norm_mode, next_public_key=next_public_key,
+                metrics_host=metrics_host, metrics_port=metrics_port,
             )
             fields.update(overrides)
             return cls(**fields)

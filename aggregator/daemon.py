@@ -24,13 +24,15 @@ from fedmq import __version__
 from fedmq.broker import topics
 from fedmq.broker.errors import ConfigError, Reason, RejectedMessage
 from fedmq.broker.files import write_atomic
-from fedmq.broker.messages import AggregatorStatus, BackboneRef, ModelMessage, Receipt, decode_message
+from fedmq.broker.messages import AggregatorStatus, BackboneRef, DeviceStatus, ModelMessage, Receipt, decode_message
+from fedmq.broker.sdnotify import Notifier, watchdog_loop
 from fedmq.broker.session import cancel_tasks, raise_first_failure, run_connected
 from fedmq.broker.signing import SigningKey, load_public_key
 
 from .config import AggregatorConfig
 from .intake import check_update, decode_update
 from .journal import JournalError, UpdateJournal
+from .metrics import AggregatorMetrics
 from .registry import ModelRegistry, RegistryError, VersionRecord
 from .robust import make_accumulator
 from .rounds import AsyncBuffer, RoundPolicy, SyncRound
@@ -63,6 +65,8 @@ class Aggregator:
         self._seen: OrderedDict[tuple[str, str], int] = OrderedDict()
         # per device since start: accepted, rejected, last_update (unix time) - for `fedmq fleet status`
         self.device_stats: dict[str, Counter[str]] = {}
+        self.devices_online: set[str] = set()  # from the devices' retained status topics
+        self.metrics = AggregatorMetrics()
         self._started = time.time()
         self._stop: asyncio.Event | None = None
         self._deadline_warned = False
@@ -218,6 +222,11 @@ class Aggregator:
         self._stop = stop = stop or asyncio.Event()
         fleet = self.config.fleet
         offline = AggregatorStatus(state="offline", model_version=0, software=__version__).encode()
+        self._serve_metrics()
+        notifier = Notifier.from_env()
+        # READY once the state is loaded: a broker that is down at boot is a reconnect loop, not a failed start
+        notifier.ready(f"serving model v{self.model.version}")
+        watchdog = asyncio.create_task(watchdog_loop(notifier, stop), name="watchdog")
         try:
             await run_connected(
                 self.config.broker, self._session, identifier=self.config.client_id, stop=stop,
@@ -225,18 +234,39 @@ class Aggregator:
                 persistent_session=True,
             )
         finally:
+            notifier.stopping()
+            await cancel_tasks([watchdog])
+            self.metrics.close()
             self.journal.close()
             self.registry.close()
+
+    def _serve_metrics(self) -> None:
+        if not self.config.metrics_port:
+            return
+        try:
+            port = self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
+        except OSError as exc:
+            # the daemon's job is the fleet; a taken port must not stop it, but it must be seen
+            log.error("no Prometheus metrics: cannot listen on %s:%d (%s); set [metrics] port to a free port or 0",
+                      self.config.metrics_host, self.config.metrics_port, exc)
+            return
+        log.info("Prometheus metrics on http://%s:%d/metrics", self.config.metrics_host, port)
+
+    def update_metrics(self) -> None:
+        self.metrics.update(self.counters, model_version=self.model.version, devices_online=len(self.devices_online),
+                            buffered_updates=self.round.count)
 
     async def _session(self, client: aiomqtt.Client, protocol: str) -> None:
         fleet = self.config.fleet
         assert self._stop is not None
         await client.subscribe(topics.updates_filter(fleet), qos=1)
+        await client.subscribe(topics.statuses_filter(fleet), qos=1)  # who is online, for metrics and ops
         if self.model.backbone is not None:
             # before the model that names it, so a device never waits for an artifact that is not there
             await client.publish(topics.artifact_topic(fleet, self.model.backbone.sha256),
                                  self.artifact_payload(self.model.backbone), qos=1, retain=True)
         await client.publish(topics.model_topic(fleet), self.model_payload, qos=1, retain=True)
+        self.counters["bytes_out"] += len(self.model_payload)
         await self._publish_status(client)
         if self.done:
             # max_rounds reached (perhaps before a crash that came between storing and publishing
@@ -261,6 +291,7 @@ class Aggregator:
         log.info("aggregator stopped at v%d; counters %s", self.model.version, dict(self.counters))
 
     async def _publish_status(self, client: aiomqtt.Client) -> None:
+        self.update_metrics()
         self._status_published_at = time.time()
         self._status_counters = self.counters.copy()
         await client.publish(topics.aggregator_status_topic(self.config.fleet), self.status().encode(), qos=1, retain=True)
@@ -271,6 +302,9 @@ class Aggregator:
                 parsed = topics.parse_topic(str(message.topic))
             except topics.TopicError:
                 parsed = None
+            if parsed is not None and parsed.kind == "status" and parsed.fleet == self.config.fleet and parsed.device:
+                self._on_device_status(parsed.device, message.payload)
+                continue
             if parsed is None or parsed.kind != "update" or parsed.fleet != self.config.fleet or parsed.device is None:
                 self.counters["ignored"] += 1
                 log.warning("ignoring message on unexpected topic %s", message.topic)
@@ -281,10 +315,24 @@ class Aggregator:
                 if receipt is not None:
                     # a short PUBACK timeout: a dead broker must end the session now, not after
                     # the client's connect timeout (the update is journaled; the device re-sends)
-                    await client.publish(topics.receipt_topic(self.config.fleet, parsed.device), receipt.encode(), qos=1,
+                    encoded = receipt.encode()
+                    await client.publish(topics.receipt_topic(self.config.fleet, parsed.device), encoded, qos=1,
                                          timeout=RECEIPT_TIMEOUT_S)
+                    self.counters["bytes_out"] += len(encoded)
                 if self.round.ready(time.time()):
                     await self._close_round(client)
+
+    def _on_device_status(self, device: str, payload: Any) -> None:
+        try:
+            status: DeviceStatus = decode_message(payload if isinstance(payload, bytes | bytearray) else b"",
+                                                  max_bytes=64 * 1024, expect=DeviceStatus)
+        except RejectedMessage:
+            self.devices_online.discard(device)  # an empty payload clears a retained status: gone
+            return
+        if status.state == "online" and len(self.devices_online) < DEVICE_STATS_LIMIT:
+            self.devices_online.add(device)
+        else:
+            self.devices_online.discard(device)
 
     async def _watch_deadline(self, client: aiomqtt.Client) -> None:
         assert self._stop is not None
@@ -303,6 +351,8 @@ class Aggregator:
                                 self.model.version, self.round.count, self.config.policy.min_updates)
                 if now - self._status_published_at >= STATUS_INTERVAL_S and self.counters != self._status_counters:
                     await self._publish_status(client)  # live counters between rounds too
+                else:
+                    self.update_metrics()
 
     # -- the sans-IO steps the shell calls -------------------------------------------------------
 
@@ -378,6 +428,7 @@ class Aggregator:
             "updates": result.num_updates, "examples": result.num_examples, "bytes_in": result.bytes_in,
             "round_seconds": round(time.time() - self.round.opened_at, 3), **result.metrics,
         }
+        self.metrics.observe_round(info["round_seconds"])
         if self.optimizer.name != "sgd":
             # with the version, before its registry row: a restart continues the same trajectory
             self._save_optimizer_state(version)
@@ -439,6 +490,7 @@ class Aggregator:
         # if this publish fails, the next session publishes the stored version first (and stops
         # there when max_rounds is reached): the version is never lost nor made twice
         await client.publish(topics.model_topic(self.config.fleet), self.model_payload, qos=1, retain=True)
+        self.counters["bytes_out"] += len(self.model_payload)
         await self._publish_status(client)
         if self.done and self._stop is not None:
             log.info("max_rounds (%d) reached at v%d", self.config.max_rounds, self.model.version)

@@ -35,6 +35,7 @@ from fedmq.broker.messages import (
     UpdateMessage,
     decode_message,
 )
+from fedmq.broker.sdnotify import Notifier, watchdog_loop
 from fedmq.broker.session import cancel_tasks, raise_first_failure, run_connected, sleep_or_stop
 from fedmq.broker.signing import TrustStore, key_id, load_public_key
 
@@ -43,6 +44,7 @@ from .config import AgentConfig
 from .data import DataError, load_npz
 from .error_feedback import ErrorFeedback
 from .export import export_current_model
+from .metrics import AgentMetrics
 from .outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,7 @@ class Agent:
         self._since = time.time()
         self._stop = asyncio.Event()
         self.paused = False
+        self.metrics = AgentMetrics()
         self._command_at = 0.0  # issued_at of the command in force (newest of cmd/{device} and cmd/all)
         self._load_installed_model()
         self._load_command()
@@ -326,6 +329,10 @@ class Agent:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         self._stop = stop = stop or asyncio.Event()
+        self._serve_metrics()
+        notifier = Notifier.from_env()
+        notifier.ready(f"model v{self.model_version}")
+        watchdog = asyncio.create_task(watchdog_loop(notifier, stop), name=f"{self.device}-watchdog")
         trainer = asyncio.create_task(self._train_forever(), name=f"{self.device}-trainer")
         if self.model is not None:
             self._model_changed.set()
@@ -336,7 +343,9 @@ class Agent:
                 will=lambda: aiomqtt.Will(topics.status_topic(self.config.fleet, self.device), offline, qos=1, retain=True),
             )
         finally:
-            await cancel_tasks([trainer])
+            notifier.stopping()
+            await cancel_tasks([trainer, watchdog])
+            self.metrics.close()
             if self._training is not None:
                 # a thread cannot be cancelled: let the training in hand finish its writes first
                 await asyncio.wait([self._training], timeout=TRAINING_EXIT_TIMEOUT_S)
@@ -378,7 +387,22 @@ class Agent:
             self._status_dirty.clear()
             await self.publish_status(client)
 
+    def _serve_metrics(self) -> None:
+        if not self.config.metrics_port:
+            return
+        try:
+            port = self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
+        except OSError as exc:
+            log.error("%s: no Prometheus metrics: cannot listen on %s:%d (%s)", self.device, self.config.metrics_host,
+                      self.config.metrics_port, exc)
+            return
+        log.info("%s: Prometheus metrics on http://%s:%d/metrics", self.device, self.config.metrics_host, port)
+
+    def update_metrics(self) -> None:
+        self.metrics.update(self.counters, model_version=self.model_version, paused=self.paused)
+
     async def publish_status(self, client: aiomqtt.Client) -> None:
+        self.update_metrics()
         payload = self.status().encode()
         await client.publish(topics.status_topic(self.config.fleet, self.device), payload, qos=1, retain=True)
 
@@ -511,6 +535,7 @@ class Agent:
                 entry.next_attempt = time.monotonic() + self.config.resend_after_s * min(2 ** (entry.attempts - 1), 32)
                 self.counters["updates_sent"] += 1
                 self.counters["bytes_sent"] += len(entry.payload)
+            self.update_metrics()
             try:
                 async with asyncio.timeout(1.0):  # not wait_for: it can swallow a cancellation in 3.11
                     await self._outbox_changed.wait()

@@ -34,6 +34,8 @@ class AgentConfig:
     resend_after_s: float = 30.0      # re-publish an update whose receipt has not come after this long
     seed: str | None = None           # shuffling seed for local training; default: the device id
     fleet_public_key: Path | None = None  # Ed25519 public key (PEM): when set, only signed models install
+    metrics_host: str = "127.0.0.1"   # Prometheus /metrics address
+    metrics_port: int = 0             # 0 = no metrics endpoint (the default on devices)
     slowdown: float = 1.0             # >1 sleeps (slowdown-1) x the training time after each update: a simulated straggler
 
     def __post_init__(self) -> None:
@@ -69,6 +71,8 @@ class AgentConfig:
                 seed=top.get("seed", str, None),
                 fleet_public_key=Path(k) if (k := top.get("fleet_public_key", str, None)) else None,
                 slowdown=top.get("slowdown", float, 1.0),
+                metrics_host=(met := top.section("metrics")).get("host", str, "127.0.0.1"),
+                metrics_port=met.get("port", int, 0, check=lambda v: 0 <= v < 65536, expect="0 (off) to 65535"),
                 broker=BrokerSettings.from_config(top.section("broker")),
             )
             top.finish()

@@ -31,14 +31,10 @@ examples:
 """
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    if level.upper() != "DEBUG":
-        for noisy in ("transitions", "asyncio"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-        # the embedded broker warns about messages still queued when it shuts down: expected there
-        logging.getLogger("amqtt").setLevel(logging.ERROR)
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from fedmq.broker.logs import setup_logging
+
+    setup_logging(level, fmt, stream=sys.stderr)
 
 
 def _run_until_signal(make: Any) -> None:
@@ -206,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedmq {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("FEDMQ_LOG_LEVEL", "warning"),
                         choices=["debug", "info", "warning", "error"], help="log verbosity (default: warning; env FEDMQ_LOG_LEVEL)")
+    parser.add_argument("--log-format", default=os.environ.get("FEDMQ_LOG_FORMAT", "text"), choices=["text", "json", "auto"],
+                        help="text lines (no timestamp under journald, which adds its own) or one JSON object per line "
+                        "(default: text; env FEDMQ_LOG_FORMAT)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = sub.add_parser("demo", help="run a federated demo fleet on this machine",
@@ -243,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--report", metavar="FILE.json", help="write one JSON object per model version to this file")
     demo.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (default 600)")
     demo.set_defaults(func=cmd_demo)
+
+    from fedmq.report import add_report_command
+
+    add_report_command(sub)
 
     agg = sub.add_parser("aggregator", help="run the aggregator daemon",
                          description="Run the aggregator: publish the model, check updates, run FedAvg rounds.")
@@ -317,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, args.log_format)
     try:
         return args.func(args)
     except FedmqError as exc:
