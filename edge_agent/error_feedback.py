@@ -15,8 +15,8 @@ top-k keeping 1% of the entries. The residual is device state: :meth:`ErrorFeedb
 from __future__ import annotations
 
 import io
-import threading
 import logging
+import threading
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
