@@ -31,11 +31,12 @@ from .errors import Reason, RejectedMessage
 #: Dtypes a tensor may have on the wire (always little-endian).
 WIRE_DTYPES: dict[str, np.dtype] = {
     name: np.dtype(name).newbyteorder("<")
-    for name in ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "uint32", "int64")
+    for name in ("float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64")
 }
 _DTYPE_NAMES = {dt: name for name, dt in WIRE_DTYPES.items()}
 
 MAX_HEADER_BYTES = 256 * 1024
+_FIRST_FEED = 4096
 MAX_TENSORS = 4096
 MAX_NDIM = 8
 ALIGNMENT = 8
@@ -106,11 +107,12 @@ def _encode_unsigned(fields: dict[str, Any], tensors: Mapping[str, np.ndarray] |
 
 
 def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-    if not all(type(key) is str for key, _ in pairs):
-        raise ValueError("map keys must be strings")
     result = dict(pairs)
     if len(result) != len(pairs):
         raise ValueError("a map has the same key twice")
+    for key in result:  # the distinct keys are all the keys now
+        if type(key) is not str:
+            raise ValueError("map keys must be strings")
     return result
 
 
@@ -151,15 +153,24 @@ def decode_frame(payload: bytes | bytearray | memoryview, *, max_bytes: int) -> 
     if size == 0:
         raise RejectedMessage(Reason.MALFORMED, "empty payload")
     unpacker = _unpacker()
-    unpacker.feed(view[:MAX_HEADER_BYTES])
-    try:
-        header = unpacker.unpack()
-    except msgpack.OutOfData:
-        raise RejectedMessage(
-            Reason.MALFORMED, f"truncated msgpack header (or header over {MAX_HEADER_BYTES} bytes)"
-        ) from None
-    except (ValueError, TypeError, msgpack.StackError, msgpack.FormatError) as exc:
-        raise RejectedMessage(Reason.MALFORMED, f"not a msgpack header: {type(exc).__name__}: {exc}") from None
+    # Feed the header in growing slices: the Unpacker copies what it is fed, and a header is a
+    # few hundred bytes at the front of a payload of megabytes.
+    fed = 0
+    while True:
+        end = min(size, MAX_HEADER_BYTES, max(_FIRST_FEED, 8 * fed))
+        unpacker.feed(view[fed:end])
+        fed = end
+        try:
+            header = unpacker.unpack()
+        except msgpack.OutOfData:
+            if fed < min(size, MAX_HEADER_BYTES):
+                continue
+            raise RejectedMessage(
+                Reason.MALFORMED, f"truncated msgpack header (or header over {MAX_HEADER_BYTES} bytes)"
+            ) from None
+        except (ValueError, TypeError, msgpack.StackError, msgpack.FormatError) as exc:
+            raise RejectedMessage(Reason.MALFORMED, f"not a msgpack header: {type(exc).__name__}: {exc}") from None
+        break
     if not isinstance(header, dict):
         raise RejectedMessage(Reason.MALFORMED, f"header is a {type(header).__name__}, not a map")
     header_end = unpacker.tell()

@@ -54,7 +54,7 @@ def test_registry_names() -> None:
         assert get_codec(name) is codec and codec.name == name
     assert isinstance(get_codec("int8-block"), Int8Codec) and get_codec("int8-block").block == 256
     assert get_codec("int8").block is None
-    assert get_codec("topk-fp16").value_dtype == np.float16 and get_codec("topk-fp32").fraction == 0.01
+    assert get_codec("topk-fp16").value_dtype == np.float16 and get_codec("topk-fp32").fraction == 0.02
 
 
 @pytest.mark.parametrize("name", ["topk", "int4", "int8-block128", "topk-int8"])
@@ -233,7 +233,7 @@ def test_topk_keeps_exactly_the_k_largest_magnitudes(values: str) -> None:
         size = math.prod(shape)
         k = 0 if size == 0 else max(1, math.ceil(0.1 * size))
         indices = wire[f"{key}:indices"]
-        assert indices.dtype == np.uint32 and indices.shape == (k,)
+        assert indices.dtype == np.uint16 and indices.shape == (k,)  # small tensors: 2-byte indices
         assert (np.diff(indices.astype(np.int64)) > 0).all()
         assert wire[f"{key}:values"].dtype == codec.value_dtype
         flat = d[key].reshape(-1)
@@ -242,6 +242,18 @@ def test_topk_keeps_exactly_the_k_largest_magnitudes(values: str) -> None:
         kept = np.zeros(size, np.float32)
         kept[expected] = flat[expected].astype(codec.value_dtype)
         np.testing.assert_array_equal(out[key].reshape(-1), kept)
+
+
+def test_topk_indices_are_uint32_beyond_65536_elements_and_both_decode() -> None:
+    codec = TopKCodec("fp16", fraction=0.001)
+    big = np.zeros(70_000, np.float32)
+    big[[5, 65_536, 69_999]] = [3.0, -4.0, 5.0]
+    wire = codec.encode({"big": big, "small": np.arange(10, dtype=np.float32)})
+    assert wire["big:indices"].dtype == np.uint32 and wire["small:indices"].dtype == np.uint16
+    out = codec.decode(wire, {"big": (70_000,), "small": (10,)})
+    assert np.flatnonzero(out["big"]).tolist() == [5, 65_536, 69_999]   # indices past 65535 survive
+    assert out["big"][[5, 65_536, 69_999]].tolist() == [3.0, -4.0, 5.0]
+    assert out["small"].tolist() == [0] * 9 + [9]
 
 
 def test_topk_by_hand() -> None:
@@ -255,7 +267,7 @@ def test_topk_by_hand() -> None:
 
 def test_topk_k_is_at_least_one_and_rounds_up() -> None:
     codec = TopKCodec()
-    assert [codec.k(n) for n in (0, 1, 99, 100, 101, 100_000, 100_001)] == [0, 1, 1, 1, 2, 1000, 1001]
+    assert [codec.k(n) for n in (0, 1, 49, 50, 51, 100_000, 100_001)] == [0, 1, 1, 1, 2, 2000, 2001]
     assert TopKCodec(fraction=1).k(7) == 7
     for bad in (0, -0.1, 1.5, float("nan"), "0.1"):
         with pytest.raises(ValueError):
