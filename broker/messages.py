@@ -476,9 +476,121 @@ class Command:
         )
 
 
-Message = ModelMessage | UpdateMessage | Receipt | DeviceStatus | AggregatorStatus | Command
+_OPS_NAME = re.compile(r"[a-z][a-z0-9_.]{0,31}")
+MAX_OPS_ARGS = 32
+MAX_OPS_ERROR = 2048
+
+
+def _request_id(h: Mapping[str, Any]) -> str:
+    value = _need(h, "request_id")
+    if not isinstance(value, str) or not _UPDATE_ID.fullmatch(value):
+        raise RejectedMessage(Reason.FIELD, "request_id must be 1-64 characters from A-Z a-z 0-9 _ . : -")
+    return value
+
+
+def _ops_args(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict) or len(value) > MAX_OPS_ARGS:
+        raise RejectedMessage(Reason.FIELD, f"args must be a map of at most {MAX_OPS_ARGS} entries")
+    for name, arg in value.items():
+        if not _OPS_NAME.fullmatch(name):
+            raise RejectedMessage(Reason.FIELD, f"argument name {name!r} must be 1-32 characters from a-z 0-9 _ .")
+        if arg is not None and type(arg) not in (bool, int, float, str):
+            raise RejectedMessage(Reason.FIELD, f"argument {name!r} must be a number, string, boolean or nil")
+        if isinstance(arg, str) and len(arg) > MAX_TEXT:
+            raise RejectedMessage(Reason.FIELD, f"argument {name!r} is longer than {MAX_TEXT} characters")
+        if isinstance(arg, float) and not math.isfinite(arg):
+            raise RejectedMessage(Reason.NON_FINITE, f"argument {name!r} is {arg}")
+    return dict(value)
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class OpsRequest:
+    """An ops client's request to the aggregator, on ``ops/request/{client}``.
+
+    ``reply_to`` is the client's name: the answer goes to ``ops/response/{reply_to}`` (with MQTT 5
+    also named by the ResponseTopic property). ``deadline`` (unix time, 0 for none) lets the
+    aggregator skip a request that waited in a queue after the client gave up on it. ``tensors``
+    carry the weights of ``model.push``.
+    """
+
+    KIND: ClassVar[str] = "ops_request"
+    request_id: str
+    op: str
+    reply_to: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+    deadline: float = 0.0
+    tensors: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def encode(self) -> bytes:
+        header = {"kind": self.KIND, "schema": SCHEMA, "request_id": self.request_id, "op": self.op,
+                  "reply_to": self.reply_to, "args": dict(self.args), "deadline": self.deadline}
+        return encode_frame(header, self.tensors)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> OpsRequest:
+        h = frame.header
+        _check_keys(h, cls.KIND, {"request_id", "op", "reply_to"}, {"args", "deadline"})
+        op = _need(h, "op")
+        if not isinstance(op, str) or not _OPS_NAME.fullmatch(op):
+            raise RejectedMessage(Reason.FIELD, f"op must be 1-32 characters from a-z 0-9 _ ., got {op!r}")
+        reply_to = _need(h, "reply_to")
+        try:
+            check_name(reply_to, "reply_to")
+        except TopicError as exc:
+            raise RejectedMessage(Reason.FIELD, str(exc)) from None
+        return cls(
+            request_id=_request_id(h),
+            op=op,
+            reply_to=reply_to,
+            args=_ops_args(h.get("args", {})),
+            deadline=_float(h, "deadline", 0.0, 1e11) if "deadline" in h else 0.0,
+            tensors=frame.tensors,
+        )
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class OpsResponse:
+    """The aggregator's answer to one :class:`OpsRequest`: ``result`` when ``ok``, else ``error``.
+
+    ``result`` is a map of plain values (the whole header stays under the frame's header limit);
+    bulk bytes (a model payload) travel as ``tensors``.
+    """
+
+    KIND: ClassVar[str] = "ops_response"
+    request_id: str
+    ok: bool
+    result: Mapping[str, Any] = field(default_factory=dict)
+    error: str = ""
+    tensors: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def encode(self) -> bytes:
+        header = {"kind": self.KIND, "schema": SCHEMA, "request_id": self.request_id, "ok": self.ok,
+                  "result": dict(self.result), "error": self.error[:MAX_OPS_ERROR]}
+        return encode_frame(header, self.tensors)
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> OpsResponse:
+        h = frame.header
+        _check_keys(h, cls.KIND, {"request_id", "ok"}, {"result", "error"})
+        ok = _need(h, "ok")
+        if type(ok) is not bool:
+            raise RejectedMessage(Reason.FIELD, f"ok must be true or false, got {ok!r}")
+        result = h.get("result", {})
+        if not isinstance(result, dict):
+            raise RejectedMessage(Reason.FIELD, "result must be a map")
+        return cls(
+            request_id=_request_id(h),
+            ok=ok,
+            result=result,
+            error=_text(h, "error", max_len=MAX_OPS_ERROR, optional=True),
+            tensors=frame.tensors,
+        )
+
+
+Message = ModelMessage | UpdateMessage | Receipt | DeviceStatus | AggregatorStatus | Command | OpsRequest | OpsResponse
 MESSAGE_TYPES: dict[str, type] = {
-    t.KIND: t for t in (ModelMessage, UpdateMessage, Receipt, DeviceStatus, AggregatorStatus, Command)
+    t.KIND: t
+    for t in (ModelMessage, UpdateMessage, Receipt, DeviceStatus, AggregatorStatus, Command, OpsRequest, OpsResponse)
 }
 
 
