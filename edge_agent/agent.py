@@ -93,6 +93,11 @@ class Agent:
             log.error("%s: %s", config.device_id, self.detail)
         self._status_dirty = asyncio.Event()
         self._training: asyncio.Future[tuple[UpdateMessage, bytes]] | None = None
+        # installed models are written (model.fmq, current.onnx) by a worker thread, newest only:
+        # fsync on an SD card must not stall the event loop (keepalives, receipts, other agents)
+        self._pending_write: tuple[ModelMessage, bytes] | None = None
+        self._write_wake: asyncio.Event | None = None
+        self._writing: asyncio.Future[None] | None = None
         self._artifact_arrived = asyncio.Event()
         self._embedded: tuple[str, np.ndarray] | None = None  # (backbone sha256, embedded local x)
         self._model_changed = asyncio.Event()
@@ -181,15 +186,40 @@ class Agent:
         if model.version < self.model_version:
             raise RejectedMessage(Reason.VERSION, f"model v{model.version} is older than the installed v{self.model_version}: "
                                   "rollback refused")
-        write_atomic(self.state_dir / MODEL_FILE, payload)
         self.model = model
         if self.trust is not None and model.next_key is not None and self.trust.trust(model.next_key):
             log.info("%s: v%d announces the next fleet key %s; trusted from now on", self.device, model.version,
                      key_id(model.next_key))
         self.counters["models_installed"] += 1
         self._drop_superseded()
-        self._export(model)
+        if self._write_wake is None:
+            self._write_model(model, payload)  # not running (tests, tools): write now
+        else:
+            self._pending_write = (model, payload)
+            self._write_wake.set()
         return model
+
+    def _write_model(self, model: ModelMessage, payload: bytes) -> None:
+        write_atomic(self.state_dir / MODEL_FILE, payload)
+        self._export(model)
+
+    async def _write_models_forever(self) -> None:
+        assert self._write_wake is not None
+        while True:
+            await self._write_wake.wait()
+            self._write_wake.clear()
+            pending, self._pending_write = self._pending_write, None
+            if pending is not None:
+                self._writing = asyncio.get_running_loop().run_in_executor(None, self._write_model, *pending)
+                await asyncio.shield(self._writing)
+
+    async def _finish_writes(self) -> None:
+        if self._writing is not None:
+            await asyncio.wait([self._writing], timeout=TRAINING_EXIT_TIMEOUT_S)
+        pending, self._pending_write = self._pending_write, None
+        if pending is not None:
+            await asyncio.to_thread(self._write_model, *pending)
+        self._write_wake = None
 
     def _export(self, model: ModelMessage) -> None:
         backbone = None
@@ -333,6 +363,8 @@ class Agent:
         notifier = Notifier.from_env()
         notifier.ready(f"model v{self.model_version}")
         watchdog = asyncio.create_task(watchdog_loop(notifier, stop), name=f"{self.device}-watchdog")
+        self._write_wake = asyncio.Event()
+        writer = asyncio.create_task(self._write_models_forever(), name=f"{self.device}-writer")
         trainer = asyncio.create_task(self._train_forever(), name=f"{self.device}-trainer")
         if self.model is not None:
             self._model_changed.set()
@@ -344,7 +376,8 @@ class Agent:
             )
         finally:
             notifier.stopping()
-            await cancel_tasks([trainer, watchdog])
+            await cancel_tasks([trainer, watchdog, writer])
+            await self._finish_writes()
             self.metrics.close()
             if self._training is not None:
                 # a thread cannot be cancelled: let the training in hand finish its writes first
@@ -516,7 +549,8 @@ class Agent:
                 self._return_to_residual(payload)
                 self._model_changed.set()
                 continue
-            self.outbox.put(update, payload)
+            await asyncio.to_thread(self.outbox.store, update, payload)  # fsync off the event loop
+            self.outbox.register(update, payload)
             self.counters["updates_trained"] += 1
             if self.detail.startswith("training"):
                 self.detail = ""

@@ -53,7 +53,15 @@ class Outbox:
         return update_id in self._entries
 
     def put(self, update: UpdateMessage, payload: bytes) -> OutboxEntry:
+        self.store(update, payload)
+        return self.register(update, payload)
+
+    def store(self, update: UpdateMessage, payload: bytes) -> None:
+        """The disk half of :meth:`put` (fsync included): safe to run in a worker thread."""
         write_atomic(self.directory / f"{update.update_id}.fmq", payload)
+
+    def register(self, update: UpdateMessage, payload: bytes) -> OutboxEntry:
+        """The memory half of :meth:`put`, after :meth:`store`: on the event loop."""
         entry = OutboxEntry(update.update_id, update.base_version, payload)
         self._entries[update.update_id] = entry
         return entry
