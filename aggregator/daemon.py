@@ -33,6 +33,7 @@ from .config import AggregatorConfig
 from .intake import check_update, decode_update
 from .journal import JournalError, UpdateJournal
 from .metrics import AggregatorMetrics
+from .ops import OpsService
 from .registry import ModelRegistry, RegistryError, VersionRecord
 from .robust import make_accumulator
 from .rounds import AsyncBuffer, RoundPolicy, SyncRound
@@ -79,6 +80,8 @@ class Aggregator:
         self.journal = UpdateJournal(config.state_dir / "journal")
         self.round = self._open_round()
         self._replay_journal()
+        self.ops = OpsService(self)
+        self._ops_tasks: set[asyncio.Task[None]] = set()
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -260,6 +263,7 @@ class Aggregator:
         fleet = self.config.fleet
         assert self._stop is not None
         await client.subscribe(topics.updates_filter(fleet), qos=1)
+        await client.subscribe(topics.ops_requests_filter(fleet), qos=1)
         await client.subscribe(topics.statuses_filter(fleet), qos=1)  # who is online, for metrics and ops
         if self.model.backbone is not None:
             # before the model that names it, so a device never waits for an artifact that is not there
@@ -283,7 +287,7 @@ class Aggregator:
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await cancel_tasks(tasks)
+            await cancel_tasks([*tasks, *self._ops_tasks])
         raise_first_failure(tasks)
         # graceful stop: say so before the connection closes (the Will covers crashes only)
         async with self._lock:
@@ -302,8 +306,14 @@ class Aggregator:
                 parsed = topics.parse_topic(str(message.topic))
             except topics.TopicError:
                 parsed = None
+            if parsed is not None and parsed.kind == "ops_request" and parsed.fleet == self.config.fleet:
+                task = asyncio.create_task(self.ops.handle(client, message), name="ops")
+                self._ops_tasks.add(task)
+                task.add_done_callback(self._ops_tasks.discard)
+                continue
             if parsed is not None and parsed.kind == "status" and parsed.fleet == self.config.fleet and parsed.device:
                 self._on_device_status(parsed.device, message.payload)
+                self.ops.observe_status(parsed.device, message.payload, retained=message.retain)
                 continue
             if parsed is None or parsed.kind != "update" or parsed.fleet != self.config.fleet or parsed.device is None:
                 self.counters["ignored"] += 1

@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedmq.report import add_report_command
 
     add_report_command(sub)
+    from fedmq.ops_cli import add_ops_commands
+
+    add_ops_commands(sub)
 
     agg = sub.add_parser("aggregator", help="run the aggregator daemon",
                          description="Run the aggregator: publish the model, check updates, run FedAvg rounds.")

@@ -66,8 +66,13 @@ async def test_five_agents_three_rounds_accuracy_rises(mqtt_broker: BrokerSettin
         async with asyncio.timeout(WAIT):
             while any(a.model_version < 4 for a in agents):
                 await asyncio.sleep(0.05)
-        online = decode_message(await retained(mqtt_broker, topics.status_topic(fleet, agents[0].device)),
-                                max_bytes=1 << 16, expect=DeviceStatus)
+        async with asyncio.timeout(WAIT):  # the status follows the install asynchronously
+            while True:
+                online = decode_message(await retained(mqtt_broker, topics.status_topic(fleet, agents[0].device)),
+                                        max_bytes=1 << 16, expect=DeviceStatus)
+                if online.model_version == 4:
+                    break
+                await asyncio.sleep(0.1)
         assert online.state == "online" and online.model_version == 4 and online.backend == "onnx"  # auto: the fastest installed
         assert online.platform and online.software
     finally:
