@@ -256,13 +256,17 @@ async def _run_fleet(opts: DemoOptions, settings: BrokerSettings, arch: MLPArchi
                                  len(payload) * len(agents), now - last_time if rows else 0.0)
                 last_time = now
                 rows.append(row)
-                say(format_row(row))
+                if model.version <= final or model.version % 10 == 0:  # --keep-running: every 10th from then on
+                    say(format_row(row))
                 if opts.target_accuracy is not None and accuracy >= opts.target_accuracy:
                     return
                 if model.version == final and opts.keep_running:
                     say(f"{opts.rounds} rounds done; the fleet keeps training until Ctrl-C. Try, in another shell:\n"
-                        f"  fedmq fleet status --broker {settings.url} --fleet {fleet}\n"
-                        f"  fedmq report --state-dir {workdir / 'aggregator'} --out fedmq-report")
+                        f"  fedmq fleet status --broker '{settings.url}' --fleet {fleet}\n"
+                        f"  fedmq fleet pause --broker '{settings.url}' --fleet {fleet} --device {fleet}-agent000\n"
+                        f"  fedmq rounds --broker '{settings.url}' --fleet {fleet}\n"
+                        f"  fedmq report --state-dir {workdir / 'aggregator'} --out fedmq-report\n"
+                        "(rows are printed for every 10th version from now on)")
                 if model.version >= final and not opts.keep_running:
                     return
 

@@ -127,3 +127,53 @@ async def test_demo_with_a_lossy_codec_uploads_fewer_bytes(mqtt_broker: BrokerSe
     assert [r.updates for r in int8[1:]] == [3, 3], "every int8 update was accepted"
     assert sum(r.bytes_up for r in int8) * 3 < sum(r.bytes_up for r in base)
     assert int8[-1].accuracy > int8[0].accuracy
+
+
+def test_ops_cli_against_a_keep_running_demo_fleet(mqtt_broker: BrokerSettings, tmp_path: Path) -> None:
+    """`fedmq demo --keep-running` and the ops commands as separate processes, as an operator runs them."""
+    import re
+    import signal
+    import time
+
+    url = f"mqtt://{mqtt_broker.host}:{mqtt_broker.port}"
+    demo = subprocess.Popen([sys.executable, "-m", "fedmq.cli", "demo", "--agents", "3", "--rounds", "2", "--broker", url,
+                             "--keep-running"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        seen = ""
+        deadline = time.monotonic() + 120
+        while "(rows are printed for every 10th version" not in seen and time.monotonic() < deadline:
+            line = demo.stdout.readline()  # type: ignore[union-attr]
+            assert line, f"the demo ended early:\n{seen}"
+            seen += line
+        fleet = re.search(r"--fleet (demo-[0-9a-f]+)", seen).group(1)  # type: ignore[union-attr]
+
+        def ops(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "fedmq.cli", *args, "--broker", url, "--fleet", fleet],
+                                  capture_output=True, text=True, timeout=60)
+
+        status = ops("fleet", "status", "--json")
+        assert status.returncode == 0, status.stderr
+        table = json.loads(status.stdout)
+        devices = {d["device"]: d for d in table["devices"]}
+        assert set(devices) == {f"{fleet}-agent{i:03d}" for i in range(3)}
+        assert all(d["state"] == "online" and d["model_version"] >= 3 for d in devices.values())
+        rounds = ops("rounds", "--json")
+        assert rounds.returncode == 0 and len(json.loads(rounds.stdout)["rounds"]) >= 2, rounds.stderr
+        exported = ops("model", "export", "2", str(tmp_path / "v2.onnx"))
+        assert exported.returncode == 0 and (tmp_path / "v2.onnx").stat().st_size > 1000, exported.stderr
+    finally:
+        demo.send_signal(signal.SIGINT)
+        demo.wait(timeout=60)
+        demo.stdout.close()  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_async_demo_with_stragglers_reaches_the_target(mqtt_broker: BrokerSettings) -> None:
+    url = f"mqtt://{mqtt_broker.host}:{mqtt_broker.port}"
+    lines: list[str] = []
+    rows = await run_demo(DemoOptions(broker_url=url, mode="async", stragglers=0.3, slowdown=5, buffer_size=5, rounds=60,
+                                      target_accuracy=0.93), say=lines.append)
+    assert rows[-1].accuracy >= 0.93, [r.accuracy for r in rows]
+    assert all(r.updates == 5 for r in rows[1:])
+    assert any("stragglers: agents" in line and "5x slower" in line for line in lines)
