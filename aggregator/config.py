@@ -15,6 +15,7 @@ from fedmq.broker.settings import BrokerSettings
 from fedmq.broker.topics import TopicError, check_name
 
 from .optimizers import ServerOptimizer
+from .rollout import RolloutPolicy
 from .rounds import RoundPolicy, StalenessWeight
 
 DEFAULT_MAX_UPDATE_BYTES = 16 * 1024 * 1024
@@ -33,6 +34,7 @@ class AggregatorConfig:
     policy: RoundPolicy = field(default_factory=RoundPolicy)
     buffer_size: int = 10               # async: publish a version every buffer_size accepted updates
     staleness: StalenessWeight = field(default_factory=StalenessWeight)
+    rollout: RolloutPolicy = field(default_factory=RolloutPolicy)  # staged rollout; off by default
     server_lr: float = 1.0
     server_optimizer: str = "sgd"       # sgd (FedAvg) | fedavgm | fedadagrad | fedadam | fedyogi
     server_beta1: float = 0.9
@@ -78,6 +80,11 @@ class AggregatorConfig:
                 raise ConfigError(f"strategy {self.strategy!r} keeps one update per device and round; async mode "
                                   "takes several per device: use fedavg with max_norm for robustness",
                                   key="rounds.strategy")
+        for device in self.rollout.cohort:
+            try:
+                check_name(device, "cohort device id")
+            except TopicError as exc:
+                raise ConfigError(str(exc), key="rollout.cohort") from None
         if self.max_rounds < 0:
             raise ConfigError("must be 0 (forever) or more", key="rounds.max_rounds")
 
@@ -144,6 +151,15 @@ class AggregatorConfig:
             lim = top.section("limits")
             max_update_bytes = lim.get("max_update_bytes", int, DEFAULT_MAX_UPDATE_BYTES,
                                        check=lambda v: 1024 <= v <= 256 * 1024 * 1024, expect="1 KiB to 256 MiB")
+            ro = top.section("rollout")
+            rollout = RolloutPolicy(
+                cohort=tuple(ro.get("cohort", list, [])),
+                cohort_percent=ro.get("cohort_percent", float, 0.0, check=lambda v: 0 <= v <= 100, expect="0 to 100"),
+                max_accuracy_drop=ro.get("max_accuracy_drop", float, 0.02, check=lambda v: 0 <= v <= 1,
+                                         expect="an accuracy difference from 0 to 1"),
+                min_reports=ro.get("min_reports", int, 0, check=lambda v: v >= 0, expect="0 (whole cohort) or more"),
+                timeout_s=ro.get("timeout_s", float, 300.0, check=lambda v: v > 0, expect="positive seconds"),
+            )
             met = top.section("metrics")
             metrics_host = met.get("host", str, "127.0.0.1")
             metrics_port = met.get("port", int, 9108, check=lambda v: 0 <= v < 65536, expect="0 (off) to 65535")
@@ -158,7 +174,7 @@ class AggregatorConfig:
                 server_tau=server_tau,
                 max_update_bytes=max_update_bytes, signing_key=signing_key, strategy=strategy,
                 trim_fraction=trim_fraction, max_norm=max_norm, norm_mode=norm_mode, next_public_key=next_public_key,
-                metrics_host=metrics_host, metrics_port=metrics_port,
+                metrics_host=metrics_host, metrics_port=metrics_port, rollout=rollout,
             )
             fields.update(overrides)
             return cls(**fields)

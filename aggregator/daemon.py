@@ -36,6 +36,7 @@ from .metrics import AggregatorMetrics
 from .ops import OpsService
 from .registry import ModelRegistry, RegistryError, VersionRecord
 from .robust import make_accumulator
+from .rollout import Canary, Decision
 from .rounds import AsyncBuffer, RoundPolicy, SyncRound
 
 log = logging.getLogger(__name__)
@@ -75,11 +76,19 @@ class Aggregator:
         self._status_counters: Counter[str] = Counter()
         self.signer = SigningKey.from_file(config.signing_key) if config.signing_key else None
         self.next_key = load_public_key(config.next_public_key) if config.next_public_key else None
+        # staged rollout: the candidate under evaluation by its cohort (aggregator/rollout.py)
+        self.canary: Canary | None = None
+        self.canary_payload = b""
+        self._canary_params: dict[str, np.ndarray] = {}
+        self._baseline_optimizer: dict[str, np.ndarray] | None = None
+        self._stored_canary: VersionRecord | None = None
         self.model, self.model_payload = self._load_or_create_model()
         self._load_optimizer_state()
         self.journal = UpdateJournal(config.state_dir / "journal")
         self.round = self._open_round()
         self._replay_journal()
+        if self._stored_canary is not None:
+            self._resume_canary(self._stored_canary)
         self.ops = OpsService(self)
         self._ops_tasks: set[asyncio.Task[None]] = set()
 
@@ -99,6 +108,13 @@ class Aggregator:
             log.info("created initial model v1 (%s, %d parameters) in %s", self.config.arch.widths,
                      self.config.arch.num_params(), self.config.state_dir)
             return model, payload
+        if record.info.get("stage") == "canary":
+            # stopped during a staged rollout: the fleet runs the candidate's parent; the canary resumes
+            self._stored_canary = record
+            baseline = self.registry.get(record.parent)
+            if baseline is None:
+                raise RegistryError(f"candidate v{record.version} names v{record.parent}, which the registry lacks")
+            record = baseline
         payload = self.registry.load_payload(record)
         model = decode_message(payload, max_bytes=len(payload), expect=ModelMessage)
         if model.arch != self.config.arch or model.fleet != self.config.fleet:
@@ -271,6 +287,8 @@ class Aggregator:
                                  self.artifact_payload(self.model.backbone), qos=1, retain=True)
         await client.publish(topics.model_topic(fleet), self.model_payload, qos=1, retain=True)
         self.counters["bytes_out"] += len(self.model_payload)
+        if self.canary is not None:
+            await client.publish(topics.canary_topic(fleet), self.canary_payload, qos=1, retain=True)
         await self._publish_status(client)
         if self.done:
             # max_rounds reached (perhaps before a crash that came between storing and publishing
@@ -329,7 +347,7 @@ class Aggregator:
                     await client.publish(topics.receipt_topic(self.config.fleet, parsed.device), encoded, qos=1,
                                          timeout=RECEIPT_TIMEOUT_S)
                     self.counters["bytes_out"] += len(encoded)
-                if self.round.ready(time.time()):
+                if self.canary is None and self.round.ready(time.time()):
                     await self._close_round(client)
 
     def _on_device_status(self, device: str, payload: Any) -> None:
@@ -339,6 +357,8 @@ class Aggregator:
         except RejectedMessage:
             self.devices_online.discard(device)  # an empty payload clears a retained status: gone
             return
+        if status.evaluation:
+            self._on_evaluation(device, dict(status.evaluation))
         if status.state == "online" and len(self.devices_online) < DEVICE_STATS_LIMIT:
             self.devices_online.add(device)
         else:
@@ -353,7 +373,10 @@ class Aggregator:
             await asyncio.sleep(min(max(wait, 0.05), 1.0))
             async with self._lock:
                 now = time.time()
-                if self.round.ready(now):
+                if self.canary is not None:
+                    if self.decide_canary(now) is not None:
+                        await self._publish_decision(client)
+                elif self.round.ready(now):
                     await self._close_round(client)
                 elif now >= self.round.deadline and not self._deadline_warned:
                     self._deadline_warned = True
@@ -425,32 +448,119 @@ class Aggregator:
         while len(self._seen) > DEDUP_WINDOW:
             self._seen.popitem(last=False)
 
+    def _next_version(self) -> int:
+        latest = self.registry.latest()  # a rejected candidate's number is never reused
+        return max(latest.version if latest else 0, self.model.version) + 1
+
+    def _model_message(self, version: int, parent: int, params: dict[str, np.ndarray],
+                       cohort: tuple[str, ...] = ()) -> tuple[ModelMessage, bytes]:
+        model = ModelMessage(fleet=self.config.fleet, version=version, parent=parent, arch=self.config.arch,
+                             task=self.config.task, params=params, created=time.time(), backbone=self.model.backbone,
+                             next_key=self.next_key, cohort=cohort)
+        return model, model.encode(self.signer)
+
+    def _make_current(self, params: dict[str, np.ndarray], info: dict[str, Any], *, parent: int | None = None) -> VersionRecord:
+        """Store ``params`` as the next version, make it the fleet's model and open its round."""
+        version = self._next_version()
+        model, payload = self._model_message(version, self.model.version if parent is None else parent, params)
+        if self.optimizer.name != "sgd":
+            # with the version, before its registry row: a restart continues the same trajectory
+            self._save_optimizer_state(version)
+        record = self.registry.add(version, model.parent, payload, info)
+        self.model, self.model_payload = model, payload
+        self.round = self._open_round()
+        self.journal.open_round(version)  # the registry row exists: the old round is closed for good
+        self.journal.prune()
+        return record
+
     def close_round(self) -> VersionRecord:
-        """Average the round, step the model, store the new version and open the next round."""
+        """Average the round, step the model, store the new version and open the next round
+        (with a staged rollout configured, the new version is a candidate for the cohort first)."""
         result = self.round.result()
+        if self.config.rollout.enabled:
+            self._baseline_optimizer = {k: np.array(v) for k, v in self.optimizer.state().items()}
         params = self.optimizer.step(self.model.params, result.mean_delta)
-        version = self.model.version + 1
-        model = ModelMessage(fleet=self.config.fleet, version=version, parent=self.model.version,
-                             arch=self.config.arch, task=self.config.task, params=params, created=time.time(),
-                             backbone=self.model.backbone, next_key=self.next_key)
-        payload = model.encode(self.signer)
         info: dict[str, Any] = {
             "updates": result.num_updates, "examples": result.num_examples, "bytes_in": result.bytes_in,
             "round_seconds": round(time.time() - self.round.opened_at, 3), **result.metrics,
         }
         self.metrics.observe_round(info["round_seconds"])
-        if self.optimizer.name != "sgd":
-            # with the version, before its registry row: a restart continues the same trajectory
-            self._save_optimizer_state(version)
-        record = self.registry.add(version, self.model.version, payload, info)
-        self.model, self.model_payload = model, payload
-        self.round = self._open_round()
-        self.journal.open_round(version)  # the registry row exists: the old round is closed for good
-        self.journal.prune()
         self.counters["rounds"] += 1
-        log.info("v%d published: %d updates, %d examples, train loss %.4f", version, result.num_updates,
+        if self.config.rollout.enabled:
+            return self._stage(params, {**info, "source": "round"})
+        record = self._make_current(params, info)
+        log.info("v%d published: %d updates, %d examples, train loss %.4f", record.version, result.num_updates,
                  result.num_examples, result.metrics.get("train_loss", float("nan")))
         return record
+
+    # -- staged rollout ---------------------------------------------------------------------------
+
+    def _stage(self, params: dict[str, np.ndarray], info: dict[str, Any]) -> VersionRecord:
+        """Store ``params`` as a candidate and hand it to a cohort; the fleet stays on its model."""
+        version = self._next_version()
+        cohort = self.config.rollout.choose_cohort(self.devices_online, version)
+        model, payload = self._model_message(version, self.model.version, params, cohort)
+        if self.optimizer.name != "sgd":
+            self._save_optimizer_state(version)
+        record = self.registry.add(version, self.model.version, payload, {**info, "stage": "canary", "cohort": list(cohort)})
+        self.canary = Canary(version, self.model.version, cohort, time.time())
+        self.canary_payload, self._canary_params = payload, params
+        self.round = self._open_round()  # held until the decision: the fleet keeps v{baseline}
+        self.counters["rollouts_staged"] += 1
+        log.info("v%d staged for a cohort of %d device(s) %s; the fleet stays on v%d until they evaluate it",
+                 version, len(cohort), list(cohort)[:10], self.model.version)
+        return record
+
+    def _resume_canary(self, record: VersionRecord) -> None:
+        payload = self.registry.load_payload(record)
+        candidate: ModelMessage = decode_message(payload, max_bytes=len(payload), expect=ModelMessage)
+        self.canary = Canary(record.version, record.parent, tuple(record.info.get("cohort", [])), time.time())
+        self.canary_payload = payload
+        self._canary_params = {k: np.array(v) for k, v in candidate.params.items()}
+        log.info("resuming the staged rollout of v%d (cohort %s); its clock restarts now", record.version,
+                 list(self.canary.cohort)[:10])
+
+    def decide_canary(self, now: float) -> Decision | None:
+        """Promote or roll back the candidate if its cohort has spoken (or the time is up)."""
+        if self.canary is None:
+            return None
+        decision = self.canary.decide(now, self.config.rollout)
+        if decision is None:
+            return None
+        canary, dropped = self.canary, self.round.count
+        self.canary = None
+        if decision.promote:
+            record = self._make_current(self._canary_params, {"source": "promotion", "candidate": canary.candidate,
+                                                              "updates": 0, "dropped_updates": dropped, **decision.info()},
+                                        parent=canary.candidate)
+            self.counters["rollouts_promoted"] += 1
+            log.info("v%d promoted as v%d: %s", canary.candidate, record.version, decision.reason)
+        else:
+            if self._baseline_optimizer is not None:
+                self.optimizer.load_state(self._baseline_optimizer)
+            record = self._make_current({k: np.array(v) for k, v in self.model.params.items()},
+                                        {"source": "rollback", "rollback_of": canary.baseline,
+                                         "rejected_candidate": canary.candidate, "updates": 0,
+                                         "dropped_updates": dropped, **decision.info()}, parent=canary.baseline)
+            self.counters["rollouts_rolled_back"] += 1
+            log.warning("v%d rolled back: %s; the fleet gets v%d's weights as v%d", canary.candidate, decision.reason,
+                        canary.baseline, record.version)
+        self.canary_payload, self._canary_params, self._baseline_optimizer = b"", {}, None
+        return decision
+
+    def _on_evaluation(self, device: str, evaluation: dict[str, float]) -> None:
+        if self.canary is not None and self.canary.add_report(device, evaluation):
+            log.info("cohort device %s: candidate v%d accuracy %.4f, v%d %.4f", device, self.canary.candidate,
+                     evaluation["accuracy"], self.canary.baseline, evaluation["baseline_accuracy"])
+
+    async def _publish_decision(self, client: aiomqtt.Client) -> None:
+        await client.publish(topics.model_topic(self.config.fleet), self.model_payload, qos=1, retain=True)
+        self.counters["bytes_out"] += len(self.model_payload)
+        await client.publish(topics.canary_topic(self.config.fleet), b"", qos=1, retain=True)  # clears the candidate
+        await self._publish_status(client)
+        if self.done and self._stop is not None:
+            log.info("max_rounds (%d) reached at v%d", self.config.max_rounds, self.model.version)
+            self._stop.set()
 
     def install_params(self, params: dict[str, np.ndarray], info: dict[str, Any]) -> VersionRecord:
         """Publish operator-chosen weights (``fedmq model push`` / ``rollback``) as the next version.
@@ -466,20 +576,18 @@ class Aggregator:
         params = {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in params.items()}
         if not all(np.isfinite(value).all() for value in params.values()):
             raise ValueError("the weights contain NaN or infinity")
+        if self.canary is not None:
+            raise ValueError(f"candidate v{self.canary.candidate} is being evaluated by its cohort; "
+                             "try again after its promotion or rollback")
+        if self.config.rollout.enabled and info.get("source") != "rollback":
+            # an operator's model goes through the same staged rollout as any new version
+            self._baseline_optimizer = {k: np.array(v) for k, v in self.optimizer.state().items()}
+            self.optimizer = self.config.make_optimizer()
+            return self._stage(params, {**info, "updates": 0})
         dropped = self.round.count
-        version = self.model.version + 1
-        model = ModelMessage(fleet=self.config.fleet, version=version, parent=self.model.version,
-                             arch=self.config.arch, task=self.config.task, params=params, created=time.time(),
-                             backbone=self.model.backbone, next_key=self.next_key)
-        payload = model.encode(self.signer)
         self.optimizer = self.config.make_optimizer()
-        if self.optimizer.name != "sgd":
-            self._save_optimizer_state(version)
-        record = self.registry.add(version, self.model.version, payload, {**info, "updates": 0, "dropped_updates": dropped})
-        self.model, self.model_payload = model, payload
-        self.round = self._open_round()
-        self.journal.open_round(version)
-        self.journal.prune()
+        record = self._make_current(params, {**info, "updates": 0, "dropped_updates": dropped})
+        version = record.version
         self.counters["replaced"] += 1
         self.counters["dropped_by_replace"] += dropped
         log.warning("v%d published from %s; %d buffered update(s) dropped", version, info.get("source", "an operator"),
@@ -491,12 +599,19 @@ class Aggregator:
         """:meth:`install_params` and publish the new version (for the ops handler)."""
         async with self._lock:
             record = self.install_params(params, info)
-            await client.publish(topics.model_topic(self.config.fleet), self.model_payload, qos=1, retain=True)
+            if self.canary is not None and self.canary.candidate == record.version:
+                await client.publish(topics.canary_topic(self.config.fleet), self.canary_payload, qos=1, retain=True)
+            else:
+                await client.publish(topics.model_topic(self.config.fleet), self.model_payload, qos=1, retain=True)
             await self._publish_status(client)
             return record
 
     async def _close_round(self, client: aiomqtt.Client) -> None:
         self.close_round()
+        if self.canary is not None:  # staged: the candidate goes to its cohort, the fleet waits
+            await client.publish(topics.canary_topic(self.config.fleet), self.canary_payload, qos=1, retain=True)
+            await self._publish_status(client)
+            return
         # if this publish fails, the next session publishes the stored version first (and stops
         # there when max_rounds is reached): the version is never lost nor made twice
         await client.publish(topics.model_topic(self.config.fleet), self.model_payload, qos=1, retain=True)

@@ -30,6 +30,7 @@ MAX_EXAMPLES = 2**31 - 1
 MAX_VERSION = 2**53
 _UPDATE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MODES = ("sync", "async")
+MAX_COHORT = 10_000
 MAX_STALENESS = 1000
 COMMANDS = ("pause", "resume")
 
@@ -225,6 +226,8 @@ class ModelMessage:
     created: float = 0.0
     backbone: BackboneRef | None = None
     next_key: bytes | None = None       # a signed model may announce the fleet's next public key
+    #: a candidate on the canary topic names the devices that evaluate it first (staged rollout)
+    cohort: tuple[str, ...] = ()
     #: (signed bytes, signature, "sig" header) of a decoded signed model, for verification
     signed_by: tuple[memoryview, bytes, dict[str, Any]] | None = field(default=None, repr=False)
 
@@ -237,6 +240,8 @@ class ModelMessage:
             header["backbone"] = self.backbone.to_wire()
         if self.next_key is not None:
             header["next_key"] = self.next_key
+        if self.cohort:
+            header["cohort"] = list(self.cohort)  # only on candidates: older readers refuse unknown keys
         if signer is None:
             return encode_frame(header, self.params)
         header["sig"] = {"alg": "ed25519", "key": signer.key_id}
@@ -245,7 +250,12 @@ class ModelMessage:
     @classmethod
     def from_frame(cls, frame: Frame) -> ModelMessage:
         h = frame.header
-        _check_keys(h, cls.KIND, {"fleet", "version", "parent", "created", "arch", "task"}, {"backbone", "next_key", "sig"})
+        _check_keys(h, cls.KIND, {"fleet", "version", "parent", "created", "arch", "task"},
+                    {"backbone", "next_key", "sig", "cohort"})
+        cohort = h.get("cohort", [])
+        if not (isinstance(cohort, list) and len(cohort) <= MAX_COHORT):
+            raise RejectedMessage(Reason.FIELD, f"cohort must be a list of at most {MAX_COHORT} device ids")
+        cohort = tuple(_device({"device": device}) for device in cohort)
         next_key = h.get("next_key")
         if next_key is not None and not (isinstance(next_key, bytes) and len(next_key) == 32):
             raise RejectedMessage(Reason.FIELD, "next_key must be the 32 raw bytes of an Ed25519 public key")
@@ -276,6 +286,7 @@ class ModelMessage:
             created=_float(h, "created", 0.0, 1e11),
             backbone=BackboneRef.from_wire(h["backbone"]) if "backbone" in h else None,
             next_key=next_key,
+            cohort=cohort,
             signed_by=(frame.signed, frame.signature, sig) if sig is not None and frame.signed is not None else None,
         )
 
@@ -380,6 +391,9 @@ class DeviceStatus:
     detail: str = ""
     counters: Mapping[str, float] = field(default_factory=dict)
     paused: bool = False                # an operator paused local training (Command "pause")
+    #: the device's evaluation of its newest model on local data, before training on it: version,
+    #: accuracy, loss, examples; for a canary candidate also baseline_version, baseline_accuracy, baseline_loss
+    evaluation: Mapping[str, float] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         header = {"kind": self.KIND, "schema": SCHEMA, "device": self.device, "state": self.state,
@@ -388,6 +402,8 @@ class DeviceStatus:
                   "counters": dict(self.counters)}
         if self.paused:
             header["paused"] = True  # only when set: older readers refuse unknown keys
+        if self.evaluation:
+            header["evaluation"] = dict(self.evaluation)
         return encode_frame(header)
 
     @classmethod
@@ -395,7 +411,8 @@ class DeviceStatus:
         h = frame.header
         _no_tensors(frame, cls.KIND)
         _check_keys(h, cls.KIND, {"device", "state"},
-                    {"model_version", "software", "platform", "backend", "since", "detail", "counters", "paused"})
+                    {"model_version", "software", "platform", "backend", "since", "detail", "counters", "paused",
+                     "evaluation"})
         if "paused" in h and type(h["paused"]) is not bool:
             raise RejectedMessage(Reason.FIELD, f"paused must be true or false, got {h['paused']!r}")
         return cls(
@@ -409,6 +426,7 @@ class DeviceStatus:
             detail=_text(h, "detail", optional=True),
             counters=_metrics(h, "counters"),
             paused=bool(h.get("paused", False)),
+            evaluation=_metrics(h, "evaluation") if "evaluation" in h else {},
         )
 
 

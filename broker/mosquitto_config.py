@@ -194,6 +194,7 @@ def render_acl(fleet: str, *, aggregator: str, operators: list[str] | tuple[str,
 
     placeholder = "x"
     model = topics.model_topic(fleet)
+    canary = topics.canary_topic(fleet)
     aggregator_status = topics.aggregator_status_topic(fleet)
     updates = topics.updates_filter(fleet)
     statuses = topics.statuses_filter(fleet)
@@ -220,6 +221,7 @@ def render_acl(fleet: str, *, aggregator: str, operators: list[str] | tuple[str,
         f"topic read {ops_requests}",
         f"topic read {statuses}",
         f"topic write {model}",
+        f"topic write {canary}",
         f"topic write {artifacts}",
         f"topic write {receipts}",
         f"topic write {aggregator_status}",
@@ -246,6 +248,7 @@ def render_acl(fleet: str, *, aggregator: str, operators: list[str] | tuple[str,
         f"pattern read {last_level(topics.command_topic(fleet, placeholder), '%u')}",
         f"pattern read {topics.broadcast_command_topic(fleet)}",
         f"pattern read {model}",
+        f"pattern read {canary}",
         f"pattern read {artifacts}",
         f"pattern read {aggregator_status}",
     ]

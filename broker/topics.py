@@ -48,6 +48,11 @@ def model_topic(fleet: str) -> str:
     return f"{fleet_prefix(fleet)}/model"
 
 
+def canary_topic(fleet: str) -> str:
+    """Retained candidate model of a staged rollout, aggregator -> the cohort it names (empty when none)."""
+    return f"{fleet_prefix(fleet)}/canary"
+
+
 def update_topic(fleet: str, device: str) -> str:
     """Weight delta from one device, QoS 1, device -> aggregator."""
     return f"{fleet_prefix(fleet)}/update/{check_device(device)}"
@@ -130,7 +135,7 @@ class ParsedTopic:
     device: str | None = None
 
 
-_SINGLE = {"model": "model"}
+_SINGLE = {"model": "model", "canary": "canary"}
 _PER_DEVICE = {"update", "receipt", "status", "cmd"}
 
 

@@ -46,6 +46,7 @@ from .error_feedback import ErrorFeedback
 from .export import export_current_model
 from .metrics import AgentMetrics
 from .outbox import Outbox
+from .training import evaluate as evaluate_params
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ class Agent:
         self._since = time.time()
         self._stop = asyncio.Event()
         self.paused = False
+        self.evaluation: dict[str, float] = {}  # the newest model's (or candidate's) evaluation on local data
+        self._evaluating: set[asyncio.Task[None]] = set()
         self.metrics = AgentMetrics()
         self._command_at = 0.0  # issued_at of the command in force (newest of cmd/{device} and cmd/all)
         self._load_installed_model()
@@ -321,7 +324,57 @@ class Agent:
             device=self.device, state=state, model_version=self.model_version, software=__version__,  # type: ignore[arg-type]
             platform=platform_string(), backend=self.backend.name if self.backend else self.config.backend, since=self._since, detail=self.detail,
             counters={k: float(v) for k, v in sorted(self.counters.items())}, paused=self.paused,
+            evaluation=self.evaluation,
         )
+
+    def evaluate(self, model: ModelMessage) -> tuple[float, float, int]:
+        """Accuracy, loss and example count of ``model`` on this device's data (blocking)."""
+        raw_x, y = self.dataset()
+        accuracy, loss = evaluate_params(model.params, model.arch, self.features(model, raw_x), y)
+        return accuracy, loss, len(y)
+
+    def evaluation_of(self, model: ModelMessage) -> dict[str, float]:
+        accuracy, loss, examples = self.evaluate(model)
+        return {"version": float(model.version), "accuracy": accuracy, "loss": loss, "examples": float(examples)}
+
+    def _set_evaluation(self, evaluation: dict[str, float]) -> None:
+        # a pending candidate's report outranks the evaluation of an older installed model
+        if evaluation["version"] >= self.evaluation.get("version", 0):
+            self.evaluation = evaluation
+            self._status_dirty.set()
+
+    def evaluate_candidate(self, payload: bytes) -> dict[str, float] | None:
+        """Evaluate a staged-rollout candidate against the installed model if this device is in
+        its cohort; return the report (also put in the status), or None. Blocking."""
+        try:
+            candidate: ModelMessage = decode_message(payload, max_bytes=self.config.max_model_bytes, expect=ModelMessage)
+            if candidate.fleet != self.config.fleet:
+                raise RejectedMessage(Reason.FIELD, f"candidate is for fleet {candidate.fleet!r}")
+            if self.trust is not None:
+                self.trust.verify(*(candidate.signed_by or (None, None, None)))
+        except RejectedMessage as exc:
+            self.counters["candidates_rejected"] += 1
+            log.warning("%s: rejected canary candidate: %s", self.device, exc)
+            return None
+        baseline = self.model
+        if self.device not in candidate.cohort or baseline is None or candidate.version <= baseline.version:
+            return None
+        accuracy, loss, examples = self.evaluate(candidate)
+        base_accuracy, base_loss, _ = self.evaluate(baseline)
+        self.counters["candidates_evaluated"] += 1
+        log.info("%s: candidate v%d accuracy %.4f on local data (installed v%d: %.4f)", self.device, candidate.version,
+                 accuracy, baseline.version, base_accuracy)
+        return {"version": float(candidate.version), "accuracy": accuracy, "loss": loss, "examples": float(examples),
+                "baseline_version": float(baseline.version), "baseline_accuracy": base_accuracy, "baseline_loss": base_loss}
+
+    async def _on_candidate(self, payload: bytes) -> None:
+        try:
+            report = await asyncio.to_thread(self.evaluate_candidate, payload)
+        except (DataError, BackendError) as exc:
+            log.error("%s: cannot evaluate the canary candidate: %s", self.device, exc)
+            return
+        if report is not None:
+            self._set_evaluation(report)
 
     def train_once(self, model: ModelMessage) -> tuple[UpdateMessage, bytes]:
         """Train on local data from ``model`` and build the update (blocking: run it in a thread)."""
@@ -392,6 +445,7 @@ class Agent:
         await client.subscribe(topics.receipt_topic(fleet, self.device), qos=1)
         await client.subscribe(topics.command_topic(fleet, self.device), qos=1)
         await client.subscribe(topics.broadcast_command_topic(fleet), qos=1)
+        await client.subscribe(topics.canary_topic(fleet), qos=1)
         await self._fetch_artifact_if_missing(client)
         await self.publish_status(client)
         self.outbox.reset_schedule()
@@ -444,6 +498,7 @@ class Agent:
         model_filter = topics.model_topic(fleet)
         artifact_filter = topics.artifacts_filter(fleet)
         receipt_topic = topics.receipt_topic(fleet, self.device)
+        canary_topic = topics.canary_topic(fleet)
         async for message in client.messages:
             payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
             self.counters["bytes_received"] += len(payload)
@@ -458,6 +513,11 @@ class Agent:
                 self._status_dirty.set()
             elif message.topic.matches(receipt_topic):
                 self._on_receipt(payload)
+            elif message.topic.matches(canary_topic):
+                if payload:  # empty: the candidate was decided and cleared
+                    task = asyncio.create_task(self._on_candidate(bytes(payload)), name=f"{self.device}-canary")
+                    self._evaluating.add(task)
+                    task.add_done_callback(self._evaluating.discard)
             else:  # cmd/{device} or cmd/all
                 if self.apply_command(payload) is not None:
                     self._status_dirty.set()
@@ -524,6 +584,8 @@ class Agent:
                 continue
             try:
                 # shielded: cancelling the trainer must not abandon a thread that is writing state
+                # evaluated on local data before training on it (the status reports it)
+                self._set_evaluation(await asyncio.to_thread(self.evaluation_of, model))
                 started = time.monotonic()
                 self._training = asyncio.get_running_loop().run_in_executor(None, self.train_once, model)
                 update, payload = await asyncio.shield(self._training)
