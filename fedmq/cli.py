@@ -28,6 +28,11 @@ examples:
   fedmq broker run --port 1883               a local broker for development
   fedmq aggregator --config aggregator.toml  the cloud daemon
   fedmq agent --config agent.toml            the device daemon
+  fedmq demo --mode async --stragglers 0.3   async buffered aggregation with slow devices
+  fedmq demo --keep-running                  a demo fleet to try the commands below on
+  fedmq fleet status --broker URL --fleet F  who is online, on which version, with which counts
+  fedmq model list | rollback V              the aggregator's versions; re-publish V as a new one
+  fedmq report --state-dir DIR --out DIR     PNG plots of accuracy, loss and updates per version
 """
 
 
