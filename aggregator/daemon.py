@@ -241,7 +241,7 @@ class Aggregator:
         self._stop = stop = stop or asyncio.Event()
         fleet = self.config.fleet
         offline = AggregatorStatus(state="offline", model_version=0, software=__version__).encode()
-        self._serve_metrics()
+        self.metrics.serve_or_log(self.config.metrics_host, self.config.metrics_port, self.config.client_id)
         notifier = Notifier.from_env()
         # READY once the state is loaded: a broker that is down at boot is a reconnect loop, not a failed start
         notifier.ready(f"serving model v{self.model.version}")
@@ -258,18 +258,6 @@ class Aggregator:
             self.metrics.close()
             self.journal.close()
             self.registry.close()
-
-    def _serve_metrics(self) -> None:
-        if not self.config.metrics_port:
-            return
-        try:
-            port = self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
-        except OSError as exc:
-            # the daemon's job is the fleet; a taken port must not stop it, but it must be seen
-            log.error("no Prometheus metrics: cannot listen on %s:%d (%s); set [metrics] port to a free port or 0",
-                      self.config.metrics_host, self.config.metrics_port, exc)
-            return
-        log.info("Prometheus metrics on http://%s:%d/metrics", self.config.metrics_host, port)
 
     def update_metrics(self) -> None:
         self.metrics.update(self.counters, model_version=self.model.version, devices_online=len(self.devices_online),

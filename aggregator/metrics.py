@@ -7,17 +7,16 @@ so the two threads share nothing mutable. Each instance has its own registry, ne
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from fedmq.broker.errors import Reason
+from fedmq.broker.metrics_http import MetricsEndpoint
 
 #: Round durations range from seconds (a lab fleet) to hours (devices that train at night).
 ROUND_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 4 * 3600.0)
@@ -65,17 +64,15 @@ class _SnapshotCollector(Collector):
                                 value=snap.buffered_updates)
 
 
-class AggregatorMetrics:
+class AggregatorMetrics(MetricsEndpoint):
     """The aggregator's metrics on a private registry, optionally served over HTTP (``/metrics``)."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        super().__init__()
         self.snapshot = AggregatorSnapshot()
         self.registry.register(_SnapshotCollector(self))
         self.round_duration = Histogram("fedmq_round_duration_seconds", "Seconds from a round's opening to its close",
                                         buckets=ROUND_BUCKETS, registry=self.registry)
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
 
     def update(self, counters: Mapping[str, float], *, model_version: int, devices_online: int,
                buffered_updates: int) -> None:
@@ -86,20 +83,3 @@ class AggregatorMetrics:
     def observe_round(self, seconds: float) -> None:
         """Record the duration of a closed round."""
         self.round_duration.observe(seconds)
-
-    def serve(self, host: str, port: int) -> int:
-        """Serve ``/metrics`` on ``host:port`` from a daemon thread (port 0 picks one); returns the port."""
-        if self._server is not None:
-            raise RuntimeError("metrics are already served")
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        return int(self._server.server_port)
-
-    def close(self) -> None:
-        """Stop the HTTP server, if any, and release its port."""
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = self._thread = None

@@ -50,8 +50,9 @@ class RoundResult:
     metrics: dict[str, float] = field(default_factory=dict)   # example-weighted means of device metrics
 
 
-class SyncRound:
-    """The open round for model ``version``."""
+class _Collector:
+    """What a round and a buffer share: the strategy that folds deltas, the totals, the device
+    metrics and the closing rule (``min_updates``, then ``target_updates`` or the deadline)."""
 
     def __init__(self, version: int, shapes: Mapping[str, tuple[int, ...]], policy: RoundPolicy,
                  opened_at: float, accumulator: Any = None) -> None:
@@ -61,7 +62,6 @@ class SyncRound:
         self.deadline = opened_at + policy.deadline_s
         # any strategy with add/result/count (aggregator/robust.py); FedAvg's streaming mean by default
         self._mean = accumulator if accumulator is not None else WeightedMean(shapes)
-        self._devices: set[str] = set()
         self._examples = 0
         self._bytes = 0
         self._metric_sums: dict[str, float] = {}
@@ -70,26 +70,14 @@ class SyncRound:
     def count(self) -> int:
         return self._mean.count
 
-    def check(self, update: UpdateMessage) -> None:
-        """Raise :class:`RejectedMessage` if ``update`` cannot join this round."""
-        if update.base_version < self.version:
-            raise RejectedMessage(Reason.STALE, f"computed from version {update.base_version}; the round is for version {self.version}")
-        if update.base_version > self.version:
-            raise RejectedMessage(Reason.FUTURE, f"computed from version {update.base_version}, which was never published (current {self.version})")
-        if update.device in self._devices:
-            raise RejectedMessage(Reason.REPEAT, f"device {update.device} already contributed to the round for version {self.version}")
-
     def check_delta(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
         """Raise what the strategy would refuse (e.g. a norm bound in reject mode), changing nothing."""
         check = getattr(self._mean, "check", None)
         if check is not None:
             check(delta, weight)
 
-    def add(self, update: UpdateMessage, delta: Mapping[str, np.ndarray], payload_bytes: int) -> None:
-        """Fold a checked update (call :meth:`check` first)."""
-        self.check(update)
+    def _fold(self, update: UpdateMessage, delta: Mapping[str, np.ndarray], payload_bytes: int) -> None:
         self._mean.add(delta, update.num_examples)
-        self._devices.add(update.device)
         self._examples += update.num_examples
         self._bytes += payload_bytes
         for name, value in update.metrics.items():
@@ -104,6 +92,30 @@ class SyncRound:
     def result(self) -> RoundResult:
         metrics = {f"train_{k}": v / self._examples for k, v in self._metric_sums.items()}
         return RoundResult(self.version, self._mean.result(), self.count, self._examples, self._bytes, metrics)
+
+
+class SyncRound(_Collector):
+    """The open round for model ``version``."""
+
+    def __init__(self, version: int, shapes: Mapping[str, tuple[int, ...]], policy: RoundPolicy,
+                 opened_at: float, accumulator: Any = None) -> None:
+        super().__init__(version, shapes, policy, opened_at, accumulator)
+        self._devices: set[str] = set()
+
+    def check(self, update: UpdateMessage) -> None:
+        """Raise :class:`RejectedMessage` if ``update`` cannot join this round."""
+        if update.base_version < self.version:
+            raise RejectedMessage(Reason.STALE, f"computed from version {update.base_version}; the round is for version {self.version}")
+        if update.base_version > self.version:
+            raise RejectedMessage(Reason.FUTURE, f"computed from version {update.base_version}, which was never published (current {self.version})")
+        if update.device in self._devices:
+            raise RejectedMessage(Reason.REPEAT, f"device {update.device} already contributed to the round for version {self.version}")
+
+    def add(self, update: UpdateMessage, delta: Mapping[str, np.ndarray], payload_bytes: int) -> None:
+        """Fold a checked update (call :meth:`check` first)."""
+        self.check(update)
+        self._fold(update, delta, payload_bytes)
+        self._devices.add(update.device)
 
 
 STALENESS_KINDS = ("polynomial", "hinge", "constant")
@@ -148,7 +160,7 @@ class StalenessWeight:
         return "1/sqrt(1+s)" if self.exponent == 0.5 else f"(1+s)^-{self.exponent:g}"
 
 
-class AsyncBuffer:
+class AsyncBuffer(_Collector):
     """The update buffer for model ``version`` in async mode.
 
     An update from base version ``b`` has staleness ``s = version - b``; it is refused as ``stale``
@@ -164,21 +176,10 @@ class AsyncBuffer:
                  accumulator: Any = None) -> None:
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
-        self.version = version
-        self.policy = policy
-        self.opened_at = opened_at
-        self.deadline = opened_at + policy.deadline_s
+        super().__init__(version, shapes, policy, opened_at, accumulator)
         self.max_staleness = max_staleness
         self.weight = weight or StalenessWeight()
-        self._mean = accumulator if accumulator is not None else WeightedMean(shapes)
-        self._examples = 0
-        self._bytes = 0
-        self._metric_sums: dict[str, float] = {}
         self.staleness_counts: Counter[int] = Counter()
-
-    @property
-    def count(self) -> int:
-        return self._mean.count
 
     def staleness(self, update: UpdateMessage) -> int:
         return self.version - update.base_version
@@ -198,31 +199,15 @@ class AsyncBuffer:
             return delta
         return {name: np.multiply(value, np.float32(factor)) for name, value in delta.items()}
 
-    def check_delta(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
-        check = getattr(self._mean, "check", None)
-        if check is not None:
-            check(delta, weight)
-
     def add(self, update: UpdateMessage, delta: Mapping[str, np.ndarray], payload_bytes: int) -> None:
         """Fold a checked update, scaled by its staleness weight (call :meth:`check` first)."""
         self.check(update)
-        self._mean.add(self.scaled(update, delta), update.num_examples)
+        self._fold(update, self.scaled(update, delta), payload_bytes)
         self.staleness_counts[self.staleness(update)] += 1
-        self._examples += update.num_examples
-        self._bytes += payload_bytes
-        for name, value in update.metrics.items():
-            self._metric_sums[name] = self._metric_sums.get(name, 0.0) + value * update.num_examples
-
-    def ready(self, now: float) -> bool:
-        count = self.count
-        if count < self.policy.min_updates:
-            return False
-        return count >= self.policy.target_updates or now >= self.deadline
 
     def result(self) -> RoundResult:
-        metrics = {f"train_{k}": v / self._examples for k, v in self._metric_sums.items()}
-        if self.count:
-            total = sum(self.staleness_counts.values())
-            metrics["mean_staleness"] = sum(s * n for s, n in self.staleness_counts.items()) / total
-            metrics["max_staleness"] = float(max(self.staleness_counts))
-        return RoundResult(self.version, self._mean.result(), self.count, self._examples, self._bytes, metrics)
+        result = super().result()
+        total = sum(self.staleness_counts.values())
+        result.metrics["mean_staleness"] = sum(s * n for s, n in self.staleness_counts.items()) / total
+        result.metrics["max_staleness"] = float(max(self.staleness_counts))
+        return result

@@ -412,7 +412,7 @@ class Agent:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         self._stop = stop = stop or asyncio.Event()
-        self._serve_metrics()
+        self.metrics.serve_or_log(self.config.metrics_host, self.config.metrics_port, self.device)
         notifier = Notifier.from_env()
         notifier.ready(f"model v{self.model_version}")
         watchdog = asyncio.create_task(watchdog_loop(notifier, stop), name=f"{self.device}-watchdog")
@@ -473,17 +473,6 @@ class Agent:
             await self._status_dirty.wait()
             self._status_dirty.clear()
             await self.publish_status(client)
-
-    def _serve_metrics(self) -> None:
-        if not self.config.metrics_port:
-            return
-        try:
-            port = self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
-        except OSError as exc:
-            log.error("%s: no Prometheus metrics: cannot listen on %s:%d (%s)", self.device, self.config.metrics_host,
-                      self.config.metrics_port, exc)
-            return
-        log.info("%s: Prometheus metrics on http://%s:%d/metrics", self.device, self.config.metrics_host, port)
 
     def update_metrics(self) -> None:
         self.metrics.update(self.counters, model_version=self.model_version, paused=self.paused)

@@ -6,15 +6,14 @@ on its event loop, a scrape reads the latest immutable snapshot, and each instan
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from fedmq.broker.metrics_http import MetricsEndpoint
 
 #: counter name -> (agent counter key, help)
 COUNTERS = {
@@ -54,34 +53,15 @@ class _SnapshotCollector(Collector):
         yield GaugeMetricFamily("fedmq_agent_paused", "1 while an operator has paused training", value=int(snap.paused))
 
 
-class AgentMetrics:
+class AgentMetrics(MetricsEndpoint):
     """The agent's metrics on a private registry, optionally served over HTTP (``/metrics``)."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        super().__init__()
         self.snapshot = AgentSnapshot()
         self.registry.register(_SnapshotCollector(self))
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
 
     def update(self, counters: Mapping[str, float], *, model_version: int, paused: bool) -> None:
         """Publish a new snapshot of the agent's counters and state."""
         self.snapshot = AgentSnapshot(MappingProxyType({k: float(v) for k, v in counters.items()}),
                                       int(model_version), bool(paused))
-
-    def serve(self, host: str, port: int) -> int:
-        """Serve ``/metrics`` on ``host:port`` from a daemon thread (port 0 picks one); returns the port."""
-        if self._server is not None:
-            raise RuntimeError("metrics are already served")
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        return int(self._server.server_port)
-
-    def close(self) -> None:
-        """Stop the HTTP server, if any, and release its port."""
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = self._thread = None
