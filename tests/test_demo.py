@@ -97,6 +97,12 @@ def test_demo_cli_rejects_bad_options() -> None:
                           timeout=60)
     assert done.returncode == 2
     assert "--agents must be from 1 to 1000" in done.stderr
+    for args, message in ((["--stragglers", "1.5"], "--stragglers is a fraction"),
+                          (["--slowdown", "0.5"], "--slowdown must be from 1"),
+                          (["--mode", "async", "--buffer-size", "0"], "--buffer-size must be at least 1")):
+        done = subprocess.run([sys.executable, "-m", "fedmq.cli", "demo", *args], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
 
 
 @pytest.mark.slow
