@@ -23,6 +23,8 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from fedmq.broker.messages import MAX_COHORT
+
 
 @dataclass(frozen=True, slots=True)
 class RolloutPolicy:
@@ -41,6 +43,8 @@ class RolloutPolicy:
             raise ValueError(f"min_reports must be >= 0 (0 = the whole cohort), got {self.min_reports}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+        if len(self.cohort) > MAX_COHORT:
+            raise ValueError(f"a cohort lists at most {MAX_COHORT} devices, got {len(self.cohort)}")
 
     @property
     def enabled(self) -> bool:
@@ -55,7 +59,7 @@ class RolloutPolicy:
         ranked = sorted(online, key=lambda d: hashlib.sha256(f"{version}/{d}".encode()).digest())
         if not ranked:
             return ()
-        count = max(1, math.ceil(self.cohort_percent / 100 * len(ranked)))
+        count = min(MAX_COHORT, max(1, math.ceil(self.cohort_percent / 100 * len(ranked))))
         return tuple(sorted(ranked[:count]))
 
 

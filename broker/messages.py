@@ -24,13 +24,14 @@ from .wire import Frame, decode_frame, encode_frame
 
 SCHEMA = 1
 MAX_METRICS = 32
+MAX_COUNTERS = 256          # status counters: one per rejection reason and more, so more room than metrics
 MAX_METRIC = 1e15
 MAX_TEXT = 512
 MAX_EXAMPLES = 2**31 - 1
 MAX_VERSION = 2**53
 _UPDATE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MODES = ("sync", "async")
-MAX_COHORT = 10_000
+MAX_COHORT = 1_000           # ids in a candidate's header: well inside the header's 256 KiB and 8,192 entries
 MAX_STALENESS = 1000
 COMMANDS = ("pause", "resume")
 
@@ -93,10 +94,10 @@ def _fleet(h: Mapping[str, Any]) -> str:
         raise RejectedMessage(Reason.FIELD, str(exc)) from None
 
 
-def _metrics(h: Mapping[str, Any], key: str = "metrics") -> dict[str, float]:
+def _metrics(h: Mapping[str, Any], key: str = "metrics", limit: int = MAX_METRICS) -> dict[str, float]:
     value = h.get(key, {})
-    if not isinstance(value, dict) or len(value) > MAX_METRICS:
-        raise RejectedMessage(Reason.FIELD, f"{key} must be a map of at most {MAX_METRICS} numbers")
+    if not isinstance(value, dict) or len(value) > limit:
+        raise RejectedMessage(Reason.FIELD, f"{key} must be a map of at most {limit} numbers")
     out: dict[str, float] = {}
     for name, number in value.items():
         if not isinstance(name, str) or len(name) > 64 or type(number) not in (int, float):
@@ -424,7 +425,7 @@ class DeviceStatus:
             backend=_text(h, "backend", max_len=32, optional=True),
             since=_float(h, "since", 0.0, 1e11) if "since" in h else 0.0,
             detail=_text(h, "detail", optional=True),
-            counters=_metrics(h, "counters"),
+            counters=_metrics(h, "counters", MAX_COUNTERS),
             paused=bool(h.get("paused", False)),
             evaluation=_metrics(h, "evaluation") if "evaluation" in h else {},
         )
@@ -458,7 +459,7 @@ class AggregatorStatus:
             mode=_text(h, "mode", max_len=32, optional=True),
             software=_text(h, "software", max_len=64, optional=True),
             since=_float(h, "since", 0.0, 1e11) if "since" in h else 0.0,
-            counters=_metrics(h, "counters") if "counters" in h else {},
+            counters=_metrics(h, "counters", MAX_COUNTERS) if "counters" in h else {},
         )
 
 

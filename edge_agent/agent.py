@@ -507,7 +507,7 @@ class Agent:
                     task = asyncio.create_task(self._on_candidate(bytes(payload)), name=f"{self.device}-canary")
                     self._evaluating.add(task)
                     task.add_done_callback(self._evaluating.discard)
-            else:  # cmd/{device} or cmd/all
+            elif payload:  # cmd/{device} or cmd/all; an empty payload only clears the retained command
                 if self.apply_command(payload) is not None:
                     self._status_dirty.set()
 

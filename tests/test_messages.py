@@ -660,3 +660,11 @@ def test_regression_task_constructor_accepts_bool_numbers(kwargs: dict) -> None:
     ``deadline_s`` only with ``math.isfinite`` and a range, so ``True`` passes as 1.0."""
     with pytest.raises(ValueError):
         Task(**kwargs)
+
+
+def test_status_counters_have_room_for_every_rejection_reason() -> None:
+    counters = {f"rejected_{reason.value}": 1.0 for reason in Reason} | {f"c{i}": float(i) for i in range(40)}
+    status = AggregatorStatus(state="online", model_version=3, counters=counters)
+    assert decode_message(status.encode(), max_bytes=BIG).counters == counters
+    device = DeviceStatus(device="d1", state="online", counters=counters)
+    assert decode_message(device.encode(), max_bytes=BIG).counters == counters

@@ -245,3 +245,15 @@ def test_agent_evaluates_a_candidate_only_in_its_cohort_and_against_its_installe
     assert out == {"version": 4.0, "accuracy": accuracy, "loss": out["loss"], "examples": float(examples),
                    "baseline_version": 3.0, "baseline_accuracy": base_accuracy, "baseline_loss": out["baseline_loss"]}
     assert agent.model_version == 3                                          # evaluated, not installed
+
+
+def test_cohort_share_of_a_huge_fleet_is_capped_so_the_candidate_stays_decodable() -> None:
+    from fedmq.broker.messages import MAX_COHORT
+
+    online = [f"device-with-a-rather-long-name-{i:06d}" for i in range(20_000)]
+    cohort = RolloutPolicy(cohort_percent=50).choose_cohort(online, 3)
+    assert len(cohort) == MAX_COHORT
+    payload = ModelMessage("f1", 3, 2, ARCH, Task(), ARCH.init_params(0), 1.0, cohort=cohort).encode()
+    assert decode_message(payload, max_bytes=1 << 22, expect=ModelMessage).cohort == cohort
+    with pytest.raises(ValueError, match="at most 1000 devices"):
+        RolloutPolicy(cohort=tuple(online[:1001]))
