@@ -2,7 +2,9 @@
 
 One append-only file per round (``v00000007.log`` holds the updates accepted for version 7).
 A record is ``<length u32><crc32 u32><device length u16><device><payload>``, little-endian; the
-file is fsynced after each append, before the receipt goes out. On restart the open round is
+file is fsynced after each append, before the receipt goes out, or once for a whole batch of
+appends inside :meth:`UpdateJournal.group_commit` (the caller then sends the batch's receipts after
+the block). On restart the open round is
 rebuilt by replaying its file, and the (device, update id) pairs of the last few rounds are read
 back for de-duplication. A record cut short by a crash (never acknowledged) is truncated away.
 """
@@ -14,6 +16,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fedmq.broker.errors import FedmqError
@@ -38,6 +41,8 @@ class UpdateJournal:
         self.keep_rounds = keep_rounds
         self.fsync = fsync
         self._file: int | None = None
+        self._group = False       # inside group_commit(): appends leave the fsync to the block's end
+        self._unsynced = False
         self.version = 0
 
     def path(self, version: int) -> Path:
@@ -60,24 +65,60 @@ class UpdateJournal:
         return records
 
     def append(self, device: str, payload: bytes) -> None:
-        """Write one accepted update durably (fsync) before it is acknowledged."""
+        """Write one accepted update durably (fsync) before it is acknowledged.
+
+        Inside :meth:`group_commit` the record is written now and fsynced when the block ends.
+        """
         if self._file is None:
             raise JournalError("journal is not open")
         name = device.encode()
-        body = _DEVICE.pack(len(name)) + name + payload
-        record = _HEAD.pack(len(body), zlib.crc32(body)) + body
+        prefix = _DEVICE.pack(len(name)) + name
+        # writev and a chained crc32: the payload (megabytes) is never copied into a record buffer
+        head = _HEAD.pack(len(prefix) + len(payload), zlib.crc32(payload, zlib.crc32(prefix)))
+        size = len(head) + len(prefix) + len(payload)
         position = os.lseek(self._file, 0, os.SEEK_CUR)
         try:
-            written = os.write(self._file, record)
-            if written != len(record):
-                raise OSError(f"short write ({written} of {len(record)} bytes)")
-            if self.fsync:
+            written = os.writev(self._file, [head, prefix, payload])
+            if written != size:
+                raise OSError(f"short write ({written} of {size} bytes)")
+            if self._group:
+                self._unsynced = True
+            elif self.fsync:
                 os.fsync(self._file)
         except OSError as exc:
             # leave no partial record behind: the next append must start on a record boundary
             os.ftruncate(self._file, position)
             os.lseek(self._file, position, os.SEEK_SET)
             raise JournalError(f"cannot write the journal {self.path(self.version)}: {exc}") from exc
+
+    @contextmanager
+    def group_commit(self) -> Iterator[None]:
+        """Make the appends inside the block durable with one fsync when it ends.
+
+        For a caller that acknowledges updates in batches: send the receipts of the batch only
+        after the block. If that fsync fails, :class:`JournalError` leaves the block and none of
+        the batch may be acknowledged; after a failed fsync the kernel may have dropped the
+        written pages, so the caller should stop (a restart replays what reached the disk).
+        """
+        if self._group:
+            raise RuntimeError("group_commit() blocks do not nest")
+        self._group = True
+        try:
+            yield
+        finally:
+            self._group = False
+            self.sync()
+
+    def sync(self) -> None:
+        """fsync the appends not yet made durable (a no-op when there are none)."""
+        if self._file is None or not self._unsynced or not self.fsync:
+            self._unsynced = False
+            return
+        try:
+            os.fsync(self._file)
+        except OSError as exc:
+            raise JournalError(f"cannot sync the journal {self.path(self.version)}: {exc}") from exc
+        self._unsynced = False
 
     def closed_rounds(self) -> Iterator[tuple[int, list[tuple[str, bytes]]]]:
         """(version, records) of the kept journals of rounds before the open one."""
@@ -94,6 +135,8 @@ class UpdateJournal:
 
     def close(self) -> None:
         if self._file is not None:
+            if self._unsynced:
+                self.sync()
             os.close(self._file)
             self._file = None
 
