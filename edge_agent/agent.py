@@ -532,7 +532,9 @@ class Agent:
         except RejectedMessage as exc:
             log.warning("%s: unreadable receipt: %s", self.device, exc)
             return
-        known = self.outbox.remove(receipt.update_id)
+        known = self.outbox.forget(receipt.update_id)
+        if known:
+            asyncio.get_running_loop().run_in_executor(None, self.outbox.delete_file, receipt.update_id)
         self._receipt_arrived.set()
         if receipt.status == "accepted":
             self.counters["accepted"] += 1

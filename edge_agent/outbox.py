@@ -67,9 +67,18 @@ class Outbox:
         return entry
 
     def remove(self, update_id: str) -> bool:
-        entry = self._entries.pop(update_id, None)
+        known = self.forget(update_id)
+        self.delete_file(update_id)
+        return known
+
+    def forget(self, update_id: str) -> bool:
+        """The memory half of :meth:`remove`: on the event loop."""
+        return self._entries.pop(update_id, None) is not None
+
+    def delete_file(self, update_id: str) -> None:
+        """The disk half of :meth:`remove` (an unlink can wait on a busy disk): safe in a worker thread.
+        A file left by a crash in between is re-sent after a restart and answered ``duplicate``."""
         (self.directory / f"{update_id}.fmq").unlink(missing_ok=True)
-        return entry is not None
 
     def due(self, now: float | None = None) -> list[OutboxEntry]:
         """Entries whose next send time has come."""
