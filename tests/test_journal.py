@@ -128,3 +128,24 @@ def test_truncated_journal_at_any_point_loses_only_the_unfinished_record(tmp_pat
     assert resumed.round.count == 1
     assert resumed.ingest("b", update("b", "ub")).status == "accepted", "b never got a receipt: it counts now"
 
+
+
+def test_group_commit_fsyncs_once_at_the_end_and_keeps_every_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    journal = UpdateJournal(tmp_path)
+    journal.open_round(1)
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    with journal.group_commit():
+        for i in range(5):
+            journal.append(f"d{i}", f"payload-{i}".encode())
+        assert synced == []                      # nothing durable yet: no receipt may go out
+    assert len(synced) == 1                      # one fsync for the batch
+    journal.append("d9", b"alone")
+    assert len(synced) == 2                      # outside a group: one per append, as before
+    with pytest.raises(RuntimeError, match="do not nest"), journal.group_commit(), journal.group_commit():
+        pass
+    journal.close()
+    assert [d for d, _ in UpdateJournal(tmp_path).open_round(1)] == [f"d{i}" for i in range(5)] + ["d9"]
