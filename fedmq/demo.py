@@ -283,13 +283,20 @@ async def _run_fleet(opts: DemoOptions, settings: BrokerSettings, arch: MLPArchi
     runners = [asyncio.create_task(aggregator.run(stop), name="aggregator")]
     runners += [asyncio.create_task(a.run(stop), name=a.device) for a in agents]
     try:
-        done, _ = await asyncio.wait([observer_task, *runners], timeout=None if opts.keep_running else opts.timeout_s,
-                                     return_when=asyncio.FIRST_EXCEPTION)
-        for t in done:
-            if t.exception() is not None:
-                log.error("%s failed", t.get_name(), exc_info=t.exception())
-                raise DemoError(f"{t.get_name()} failed: {t.exception()!r}") from t.exception()
-        if observer_task not in done:
+        # until the observer has its last row (or a task fails): the aggregator may end first
+        # (max_rounds), the agents only when told to
+        pending: set[asyncio.Task[Any]] = {observer_task, *runners}
+        deadline = None if opts.keep_running else time.monotonic() + opts.timeout_s
+        while observer_task in pending:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                break
+            for t in done:
+                if t.exception() is not None:
+                    log.error("%s failed", t.get_name(), exc_info=t.exception())
+                    raise DemoError(f"{t.get_name()} failed: {t.exception()!r}") from t.exception()
+        if observer_task in pending:
             raise DemoError(f"no model v{final} after {opts.timeout_s:.0f}s (have {rows[-1].version if rows else 0}); "
                             "see the log (--log-level info)")
     finally:
