@@ -90,7 +90,9 @@ class _Collector:
         return count >= self.policy.target_updates or now >= self.deadline
 
     def result(self) -> RoundResult:
-        metrics = {f"train_{k}": v / self._examples for k, v in self._metric_sums.items()}
+        # device metrics, example-weighted: train_* describe the local training, eval_* the devices'
+        # evaluation of the model they started from (this round's version) before training on it
+        metrics = {k if k.startswith("eval_") else f"train_{k}": v / self._examples for k, v in self._metric_sums.items()}
         return RoundResult(self.version, self._mean.result(), self.count, self._examples, self._bytes, metrics)
 
 

@@ -333,6 +333,13 @@ class Agent:
         accuracy, loss = evaluate_params(model.params, model.arch, self.features(model, raw_x), y)
         return accuracy, loss, len(y)
 
+    def _evaluation_metrics(self, model: ModelMessage) -> dict[str, float]:
+        # the received model's accuracy on this device's data, measured before training on it:
+        # averaged over the updates, the aggregator gets a federated evaluation of each version
+        if self.evaluation.get("version") != model.version or "baseline_version" in self.evaluation:
+            return {}
+        return {"eval_accuracy": self.evaluation["accuracy"], "eval_loss": self.evaluation["loss"]}
+
     def evaluation_of(self, model: ModelMessage) -> dict[str, float]:
         accuracy, loss, examples = self.evaluate(model)
         return {"version": float(model.version), "accuracy": accuracy, "loss": loss, "examples": float(examples)}
@@ -404,7 +411,8 @@ class Agent:
         update = UpdateMessage(
             device=self.device, update_id=f"v{model.version}-{uuid.uuid4().hex[:12]}", base_version=model.version,
             num_examples=result.num_examples, codec=task.codec, tensors=wire,
-            metrics={"loss": result.loss, "accuracy": result.accuracy}, created=time.time(),
+            metrics={"loss": result.loss, "accuracy": result.accuracy, **self._evaluation_metrics(model)},
+            created=time.time(),
         )
         return update, update.encode()
 

@@ -74,6 +74,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         report=Path(args.report) if args.report else None, timeout_s=args.timeout, backend=args.backend,
         secure=args.secure, codec=args.codec, mode=args.mode, stragglers=args.stragglers, slowdown=args.slowdown,
         buffer_size=args.buffer_size, max_staleness=args.max_staleness, keep_running=args.keep_running,
+        workdir=Path(args.workdir) if args.workdir else None,
     )
 
     async def demo(stop: asyncio.Event) -> None:
@@ -245,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep-running", action="store_true",
                       help="after the rounds, keep the fleet training until Ctrl-C, so that `fedmq fleet ...` can be tried on it")
     demo.add_argument("--report", metavar="FILE.json", help="write one JSON object per model version to this file")
+    demo.add_argument("--workdir", metavar="DIR", help="keep the run's files here (the aggregator's registry in "
+                      "DIR/aggregator, for `fedmq report --state-dir DIR/aggregator`); default: a temporary directory")
     demo.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (default 600)")
     demo.set_defaults(func=cmd_demo)
 

@@ -90,14 +90,19 @@ def write_report(state_dir: Path, out_dir: Path) -> list[Path]:
     for filename, (quantity, keys) in PLOTS.items():
         series = {key: [_number(r.info.get(key)) for r in records] for key in keys}
         series = {k: v for k, v in series.items() if any(x is not None for x in v)}
+        # eval_* in a version's info is the devices' evaluation of its parent, before training on it
+        xs = {key: [r.parent for r in records] if key.startswith("eval_") else versions for key in series}
         if not series:
             skipped.append(filename)
             log.warning("no %s in the registry's versions: %s not written", quantity, filename)
             continue
         fig, ax = new_axes(f"{quantity} per model version", quantity)
+        labels = {"eval_accuracy": "devices' evaluation before training (federated)",
+                  "eval_loss": "devices' evaluation before training (federated)",
+                  "train_accuracy": "after local training", "train_loss": "after local training"}
         for key, values in series.items():
-            ax.plot(versions, [math.nan if v is None else v for v in values], marker="o", markersize=3,
-                    label=key.replace("_", " "))
+            ax.plot(xs[key], [math.nan if v is None else v for v in values], marker="o", markersize=3,
+                    label=labels.get(key, key.replace("_", " ")))
         if quantity == "accuracy":
             ax.set_ylim(0.0, 1.0)
         ax.legend()

@@ -288,3 +288,12 @@ async def test_async_fleet_with_a_straggler_publishes_versions_without_waiting(m
     assert aggregator.counters["rejected"] == 0
     registry.close()
 
+
+
+def test_agent_update_carries_its_evaluation_of_the_base_model(tmp_path: Path) -> None:
+    agent = make_agent(tmp_path)
+    installed = agent.install(model(1, Task(epochs=1, batch_size=8)))
+    agent.evaluation = agent.evaluation_of(installed)  # what the trainer does before training on it
+    update, _ = agent.train_once(installed)
+    accuracy, loss, _ = agent.evaluate(installed)
+    assert update.metrics["eval_accuracy"] == accuracy and update.metrics["eval_loss"] == loss

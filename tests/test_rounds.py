@@ -71,3 +71,14 @@ def test_policy_validation() -> None:
         RoundPolicy(min_updates=0)
     with pytest.raises(ValueError, match="deadline"):
         RoundPolicy(deadline_s=0)
+
+
+def test_device_evaluations_are_kept_as_eval_and_training_metrics_as_train() -> None:
+    rnd = SyncRound(3, SHAPES, RoundPolicy(1, 2), opened_at=0.0)
+    for device, n, acc in (("a", 10, 0.5), ("b", 30, 0.9)):
+        u = UpdateMessage(device, f"{device}-u", 3, n, "fp32", {"w": np.ones(2, np.float32)},
+                          {"loss": 0.2, "eval_accuracy": acc})
+        rnd.add(u, {"w": np.ones(2, np.float32)}, 1)
+    metrics = rnd.result().metrics
+    assert metrics["eval_accuracy"] == pytest.approx((10 * 0.5 + 30 * 0.9) / 40)   # the devices' view of v3
+    assert metrics["train_loss"] == pytest.approx(0.2) and "train_eval_accuracy" not in metrics
