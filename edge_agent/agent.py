@@ -582,10 +582,10 @@ class Agent:
                 self._model_changed.set()  # look again: a newer model may have come meanwhile
                 continue
             try:
-                # shielded: cancelling the trainer must not abandon a thread that is writing state
                 # evaluated on local data before training on it (the status reports it)
                 self._set_evaluation(await asyncio.to_thread(self.evaluation_of, model))
                 started = time.monotonic()
+                # shielded: cancelling the trainer must not abandon a thread that is writing state
                 self._training = asyncio.get_running_loop().run_in_executor(None, self.train_once, model)
                 update, payload = await asyncio.shield(self._training)
                 if self.config.slowdown > 1.0:
