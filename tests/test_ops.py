@@ -5,7 +5,6 @@ in this process; the broker is real."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import io
@@ -18,17 +17,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import aiomqtt
 import numpy as np
 import pytest
 from conftest import shard_agents
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-import fedmq.aggregator.daemon as daemon_module
 from fedmq.aggregator.config import AggregatorConfig
 from fedmq.aggregator.daemon import Aggregator
-from fedmq.aggregator.ops import OpsService, parameter_problems
+from fedmq.aggregator.ops import parameter_problems
 from fedmq.aggregator.rounds import RoundPolicy
 from fedmq.broker import topics
 from fedmq.broker.architecture import MLPArchitecture
@@ -42,63 +39,15 @@ from fedmq.broker.messages import (
     decode_message,
 )
 from fedmq.broker.settings import BrokerSettings
+from fedmq.cli import build_parser
 from fedmq.demo import dirichlet_partition, load_digits_split
 from fedmq.edge_agent.training import logits
 from fedmq.ops import NoAggregator, OpsClient, OpsError
-from fedmq.ops_cli import add_ops_commands, age, load_weights
+from fedmq.ops_cli import age, load_weights
 
 pytestmark = pytest.mark.broker
 WAIT = 30.0
 ARCH = MLPArchitecture(64, (16,), 10)
-
-
-# -- the aggregator with the ops wiring (until aggregator/daemon.py has it) ----------------------
-
-if hasattr(daemon_module, "OpsService"):
-    OpsAggregator = Aggregator
-else:
-    class OpsAggregator(Aggregator):  # type: ignore[no-redef]
-        """The wiring of /tmp/ops/daemon.patch, for as long as the daemon does not have it."""
-
-        def __init__(self, config: AggregatorConfig) -> None:
-            super().__init__(config)
-            self.ops = OpsService(self)
-            self._ops_tasks: set[asyncio.Task[None]] = set()
-
-        async def _session(self, client: aiomqtt.Client, protocol: str) -> None:
-            await client.subscribe(topics.ops_requests_filter(self.config.fleet), qos=1)
-            await client.subscribe(topics.statuses_filter(self.config.fleet), qos=1)
-            try:
-                await super()._session(client, protocol)
-            finally:
-                for task in self._ops_tasks:
-                    task.cancel()
-
-        async def _consume(self, client: aiomqtt.Client) -> None:
-            # Aggregator._consume with the two extra branches of the patch
-            async for message in client.messages:
-                try:
-                    parsed = topics.parse_topic(str(message.topic))
-                except topics.TopicError:
-                    parsed = None
-                if parsed is not None and parsed.fleet == self.config.fleet and parsed.kind == "ops_request":
-                    task = asyncio.create_task(self.ops.handle(client, message), name="ops")
-                    self._ops_tasks.add(task)
-                    task.add_done_callback(self._ops_tasks.discard)
-                    continue
-                if parsed is not None and parsed.fleet == self.config.fleet and parsed.kind == "status" and parsed.device:
-                    self.ops.observe_status(parsed.device, bytes(message.payload), retained=message.retain)  # type: ignore[arg-type]
-                    continue
-                if parsed is None or parsed.kind != "update" or parsed.device is None:
-                    continue
-                payload = bytes(message.payload)  # type: ignore[arg-type]
-                async with self._lock:
-                    receipt = self.ingest(parsed.device, payload)
-                    if receipt is not None:
-                        await client.publish(topics.receipt_topic(self.config.fleet, parsed.device), receipt.encode(),
-                                             qos=1, timeout=3.0)
-                    if self.round.ready(time.time()):
-                        await self._close_round(client)
 
 
 def make_aggregator(fleet: str, broker: BrokerSettings, state: Path, **overrides: object) -> Aggregator:
@@ -106,7 +55,7 @@ def make_aggregator(fleet: str, broker: BrokerSettings, state: Path, **overrides
                                      seed=1, task=Task(epochs=1, batch_size=32, lr=0.1, deadline_s=30),
                                      policy=RoundPolicy(1, 3, 1.0))
     config.update(overrides)
-    return OpsAggregator(AggregatorConfig(**config))  # type: ignore[arg-type]
+    return Aggregator(AggregatorConfig(**config))  # type: ignore[arg-type]
 
 
 @contextlib.asynccontextmanager
@@ -140,12 +89,10 @@ async def until(condition: Callable[[], bool], within: float = WAIT, what: str =
             await asyncio.sleep(0.05)
 
 
-# -- the CLI, through its own parser (fedmq/cli.py registers the same commands) -----------------
+# -- the CLI, through the real `fedmq` parser -----------------------------------------------------
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    parser = argparse.ArgumentParser(prog="fedmq")
-    add_ops_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = args.func(args)
@@ -475,7 +422,7 @@ async def test_ops_through_the_secure_broker_and_its_acl(tmp_path: Path) -> None
     config = render_config(fleet=FLEET, port=port, tls=pki.server_tls_files(pki_dir), acl_path=acl)
     with running_mosquitto(tmp_path, config, port) as log:
         broker = Broker(port=port, pki=pki_dir, log=log)
-        aggregator = OpsAggregator(AggregatorConfig(fleet=FLEET, state_dir=tmp_path / "agg", client_id=AGGREGATOR,
+        aggregator = Aggregator(AggregatorConfig(fleet=FLEET, state_dir=tmp_path / "agg", client_id=AGGREGATOR,
                                                     broker=settings_for(broker, AGGREGATOR), arch=ARCH))
         device = Agent(AgentConfig(device_id="dev-a", fleet=FLEET, state_dir=tmp_path / "dev-a",
                                    broker=settings_for(broker, "dev-a")))
