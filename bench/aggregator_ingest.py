@@ -10,7 +10,7 @@ pre-encoded before the clock starts) as fast as Mosquitto takes them, once per c
 - ``bare``: an aiomqtt subscriber that counts messages and bytes: the limit.
 - ``daemon``: the real ``Aggregator.run()`` shell (fsync per update, waits for each receipt's
   PUBACK under its lock).
-- ``pipelined``: the shell proposed in /tmp/perf/daemon.patch, driving the same
+- ``pipelined``: the shell proposed in docs/proposals/pipelined-ingest.patch, driving the same
   ``Aggregator.ingest()``: it takes every update already received as one batch (at most 16 or
   32 MB), ingests the batch in a worker thread under one journal fsync
   (``UpdateJournal.group_commit``) while the event loop goes on reading the socket (numpy, zlib
@@ -179,7 +179,7 @@ async def daemon_consumer(agg: Aggregator, count: int, ready: asyncio.Event) -> 
     return {"ingested_at": getattr(agg, "ingested_at", time.time())}
 
 
-# The proposed shell (the body of /tmp/perf/daemon.patch), written against the public pieces of
+# The proposed shell (the body of docs/proposals/pipelined-ingest.patch), written against the public pieces of
 # Aggregator so that it can be measured before it is applied.
 
 def ingest_batch(agg: Aggregator, batch: list[aiomqtt.Message]) -> tuple[list[Receipt], list[aiomqtt.Message]]:
