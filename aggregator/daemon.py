@@ -29,6 +29,7 @@ from fedmq.broker.sdnotify import Notifier, watchdog_loop
 from fedmq.broker.session import cancel_tasks, raise_first_failure, run_connected
 from fedmq.broker.signing import SigningKey, load_public_key
 
+from . import fold
 from .config import AggregatorConfig
 from .intake import check_update, decode_update
 from .journal import JournalError, UpdateJournal
@@ -213,7 +214,8 @@ class Aggregator:
             update = decode_update(payload, max_bytes=len(payload) + 1)
             self._remember((device, update.update_id))
             try:
-                delta = check_update(update, topic_device=device, shapes=self._shapes, codec=update.codec)
+                delta = check_update(update, topic_device=device, shapes=self._shapes, codec=update.codec,
+                                     check_values=not self.round.checks_values)
                 self.round.add(update, delta, len(payload))
             except RejectedMessage as exc:
                 # only after a configuration change (a lower norm bound, another strategy) between restarts
@@ -243,6 +245,8 @@ class Aggregator:
         offline = AggregatorStatus(state="offline", model_version=0, software=__version__).encode()
         self.metrics.serve_or_log(self.config.metrics_host, self.config.metrics_port, self.config.client_id)
         notifier = Notifier.from_env()
+        if self.round.checks_values:  # compile the fold kernel now, not on the first update
+            log.info("fold kernel: %s", await asyncio.to_thread(fold.warm_up))
         # READY once the state is loaded: a broker that is down at boot is a reconnect loop, not a failed start
         notifier.ready(f"serving model v{self.model.version}")
         watchdog = asyncio.create_task(watchdog_loop(notifier, stop), name="watchdog")
@@ -387,7 +391,9 @@ class Aggregator:
         try:
             update = decode_update(payload, max_bytes=self.config.max_update_bytes)
             update_id = update.update_id  # from here on, receipts name the update they answer
-            delta = check_update(update, topic_device=device, shapes=self._shapes, codec=self.config.task.codec)
+            delta = check_update(update, topic_device=device, shapes=self._shapes, codec=self.config.task.codec,
+                                 check_values=not self.round.checks_values)  # else checked as it is folded
+            self.round.check_delta(delta, update.num_examples)  # values, norm bound: before it is durable
             key = (device, update.update_id)
             if key in self._seen:
                 self.counters["duplicates"] += 1
@@ -398,7 +404,6 @@ class Aggregator:
                 if exc.reason is Reason.STALE:
                     self.counters["late"] += 1
                 raise
-            self.round.check_delta(delta, update.num_examples)  # e.g. the norm bound, before it is durable
             self.journal.append(device, payload)  # durable before the receipt says "accepted"
             self.round.add(update, delta, len(payload))
             self._remember(key)

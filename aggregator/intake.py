@@ -10,9 +10,7 @@ from fedmq.broker.codecs import get_codec
 from fedmq.broker.errors import Reason, RejectedMessage
 from fedmq.broker.messages import UpdateMessage, decode_message
 
-#: Hard sanity bound on an update's L2 norm, whatever the strategy: far above any real delta,
-#: low enough that summing many such updates can never overflow float32 parameters.
-MAX_DELTA_NORM = 1e6
+from .strategy import MAX_DELTA_NORM
 
 
 def decode_update(payload: bytes, *, max_bytes: int) -> UpdateMessage:
@@ -21,17 +19,21 @@ def decode_update(payload: bytes, *, max_bytes: int) -> UpdateMessage:
 
 
 def check_update(update: UpdateMessage, *, topic_device: str, shapes: Mapping[str, tuple[int, ...]],
-                 codec: str) -> dict[str, np.ndarray]:
+                 codec: str, check_values: bool = True) -> dict[str, np.ndarray]:
     """Check a decoded update received on ``topic_device``'s update topic against the model.
 
     Returns its delta as float32 arrays of the model's shapes (views into the payload where the
-    codec allows). Version and duplicate checks are the round's business.
+    codec allows). Version and duplicate checks are the round's business. ``check_values=False``
+    skips the pass over the values (finite, norm) for an accumulator that checks them itself while
+    it folds (:attr:`.strategy.WeightedMean.checks_values`).
     """
     if update.device != topic_device:
         raise RejectedMessage(Reason.DEVICE_MISMATCH, f"payload names device {update.device!r} but was published on {topic_device!r}'s topic")
     if update.codec != codec:
         raise RejectedMessage(Reason.CODEC, f"update uses codec {update.codec!r}; the task asks for {codec!r}")
     delta = get_codec(update.codec).decode(update.tensors, shapes)
+    if not check_values:
+        return delta
     squared = 0.0
     for name, array in delta.items():
         flat = array.reshape(-1)

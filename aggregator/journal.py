@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import struct
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +21,11 @@ from pathlib import Path
 from fedmq.broker.errors import FedmqError
 
 log = logging.getLogger(__name__)
+
+try:  # the same CRC-32, computed with carry-less multiplication: about 4x faster than zlib's
+    from zlib_ng.zlib_ng import crc32
+except ImportError:  # pip install 'fedmq[fast]'
+    from zlib import crc32
 
 _HEAD = struct.Struct("<II")
 _DEVICE = struct.Struct("<H")
@@ -74,7 +78,7 @@ class UpdateJournal:
         name = device.encode()
         prefix = _DEVICE.pack(len(name)) + name
         # writev and a chained crc32: the payload (megabytes) is never copied into a record buffer
-        head = _HEAD.pack(len(prefix) + len(payload), zlib.crc32(payload, zlib.crc32(prefix)))
+        head = _HEAD.pack(len(prefix) + len(payload), crc32(payload, crc32(prefix)))
         size = len(head) + len(prefix) + len(payload)
         position = os.lseek(self._file, 0, os.SEEK_CUR)
         try:
@@ -160,7 +164,7 @@ class UpdateJournal:
             if length > MAX_RECORD or end > len(data) or length < _DEVICE.size:
                 break
             body = data[start:end]
-            if zlib.crc32(body) != crc:
+            if crc32(body) != crc:
                 break
             (name_len,) = _DEVICE.unpack_from(body)
             device = body[_DEVICE.size:_DEVICE.size + name_len].decode(errors="replace")

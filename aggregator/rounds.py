@@ -70,6 +70,11 @@ class _Collector:
     def count(self) -> int:
         return self._mean.count
 
+    @property
+    def checks_values(self) -> bool:
+        """True when the strategy checks each delta's values itself (see ``check_update``)."""
+        return bool(getattr(self._mean, "checks_values", False))
+
     def check_delta(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
         """Raise what the strategy would refuse (e.g. a norm bound in reject mode), changing nothing."""
         check = getattr(self._mean, "check", None)

@@ -11,36 +11,105 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from fedmq.broker.errors import Reason, RejectedMessage
+
+from . import fold
+
+#: Hard sanity bound on an update's L2 norm, whatever the strategy: far above any real delta,
+#: low enough that summing many such updates can never overflow float32 parameters.
+MAX_DELTA_NORM = 1e6
+
 
 class WeightedMean:
     """Streaming weighted mean of deltas: ``sum(w_i * d_i) / sum(w_i)``.
 
-    Holds one float64 accumulator per tensor plus one scratch buffer of the largest tensor, never
-    the deltas themselves. Float64 sums make the result independent of arrival order to float32
-    precision, so a run is reproducible although updates arrive in any order.
+    Holds float32 sums, never all the deltas. :meth:`check` folds a delta into the sums in the
+    same pass that checks its values (finite, L2 norm at most :data:`MAX_DELTA_NORM`), so an
+    update is read from memory once. A refused delta must leave no trace, and neither may a
+    checked one that is never added (the daemon checks, makes the update durable, then adds it,
+    and the journal may fail in between). So the sums can be rewound: a snapshot of them, taken
+    every :attr:`SNAPSHOT_EVERY` added deltas (or :attr:`SNAPSHOT_BYTES` of them), and the deltas
+    added since, which are folded again in the same order, bit for bit. Memory is two copies of
+    the model plus at most ``SNAPSHOT_BYTES`` of recent deltas, whatever the number of updates.
+    A refusal costs at most ``SNAPSHOT_EVERY`` folds.
+
+    The sums are float32: the arrival order changes the last bits of the result (a restart replays
+    the journal in arrival order, so it reproduces them exactly). Deltas must not change after
+    they are added.
     """
 
+    #: The delta's values are checked here; the intake can skip its own pass over them.
+    checks_values = True
+    SNAPSHOT_EVERY = 16
+    SNAPSHOT_BYTES = 64 * 1024 * 1024
+
     def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        self._sums = {name: np.zeros(shape, dtype=np.float64) for name, shape in shapes.items()}
-        largest = max((int(np.prod(s)) for s in shapes.values()), default=0)
-        self._scratch = np.empty(largest, dtype=np.float64)
+        self._sums = {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}
+        self._snapshot = {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}
+        self._since: list[tuple[Mapping[str, np.ndarray], float]] = []  # added after the snapshot, in order
+        self._since_bytes = 0
+        self._pending: tuple[Mapping[str, np.ndarray], float] | None = None  # in the sums, not added
         self.total_weight = 0.0
         self.count = 0
 
-    def add(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
-        """Fold ``delta`` (names and shapes already checked) with ``weight`` > 0."""
+    def _fold(self, delta: Mapping[str, np.ndarray], weight: float) -> float:
+        return sum(fold.fold(acc, delta[name], weight) for name, acc in self._sums.items())
+
+    def _rewind(self) -> None:
+        """Make the sums those of the added deltas again, bit for bit."""
+        for name, acc in self._sums.items():
+            np.copyto(acc, self._snapshot[name])
+        for delta, weight in self._since:
+            self._fold(delta, weight)
+        self._pending = None
+
+    def check(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
+        """Raise :class:`RejectedMessage` if ``delta`` has non-finite values or an absurd norm.
+
+        Changes nothing visible. A following :meth:`add` of the same ``delta`` and ``weight``
+        reuses the work.
+        """
         if not weight > 0:
             raise ValueError(f"weight must be positive, got {weight}")
-        w = np.float64(weight)
-        for name, acc in self._sums.items():
-            scratch = self._scratch[: acc.size].reshape(acc.shape)
-            np.multiply(delta[name], w, out=scratch)
-            np.add(acc, scratch, out=acc)
+        if self._pending is not None:
+            self._rewind()
+        squared = self._fold(delta, weight)
+        if not squared <= MAX_DELTA_NORM ** 2:
+            self._rewind()
+            raise self._refusal(delta)
+        self._pending = (delta, float(weight))
+
+    def add(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
+        """Fold ``delta`` (names and shapes already checked) with ``weight`` > 0.
+
+        Raises :class:`RejectedMessage`, changing nothing, if its values fail :meth:`check`.
+        """
+        pending = self._pending
+        if pending is None or pending[0] is not delta or pending[1] != float(weight):
+            self.check(delta, weight)
+        self._pending = None
+        self._since.append((delta, float(weight)))
+        self._since_bytes += sum(array.nbytes for array in delta.values())
         self.total_weight += float(weight)
         self.count += 1
+        if len(self._since) >= self.SNAPSHOT_EVERY or self._since_bytes >= self.SNAPSHOT_BYTES:
+            for name, acc in self._sums.items():
+                np.copyto(self._snapshot[name], acc)
+            self._since.clear()
+            self._since_bytes = 0
+
+    @staticmethod
+    def _refusal(delta: Mapping[str, np.ndarray]) -> RejectedMessage:
+        for name, array in delta.items():
+            if not np.isfinite(array).all():
+                return RejectedMessage(Reason.NON_FINITE, f"tensor {name!r} contains NaN or infinity")
+        exact = sum(float(np.dot(a.reshape(-1).astype(np.float64), a.reshape(-1).astype(np.float64))) for a in delta.values())
+        return RejectedMessage(Reason.NORM, f"update L2 norm {exact ** 0.5:.3g} is over the hard limit {MAX_DELTA_NORM:g}")
 
     def result(self) -> dict[str, np.ndarray]:
         """The weighted mean; raises if nothing was added."""
         if self.count == 0:
             raise ValueError("no update was added")
-        return {name: (acc / self.total_weight).astype(np.float32) for name, acc in self._sums.items()}
+        if self._pending is not None:
+            self._rewind()
+        return {name: np.divide(acc, np.float32(self.total_weight), dtype=np.float32) for name, acc in self._sums.items()}

@@ -149,3 +149,24 @@ def test_group_commit_fsyncs_once_at_the_end_and_keeps_every_record(tmp_path: Pa
         pass
     journal.close()
     assert [d for d, _ in UpdateJournal(tmp_path).open_round(1)] == [f"d{i}" for i in range(5)] + ["d9"]
+
+
+def test_record_format_is_plain_crc32_whichever_implementation_wrote_it(tmp_path: Path) -> None:
+    """fedmq[fast] computes the CRC with zlib-ng; a journal must stay readable by (and equal to)
+    one written with the standard library's zlib."""
+    import struct
+    import zlib
+
+    from fedmq.aggregator import journal as journal_module
+
+    assert journal_module.crc32.__module__.startswith("zlib_ng"), "the test environment installs fedmq[fast]"
+    payload = np.random.default_rng(3).bytes(300_001)
+    journal = UpdateJournal(tmp_path)
+    journal.open_round(4)
+    journal.append("dev-7", payload)
+    journal.close()
+    raw = journal.path(4).read_bytes()
+    length, crc = struct.unpack_from("<II", raw)
+    body = raw[8:8 + length]
+    assert body == struct.pack("<H", 5) + b"dev-7" + payload
+    assert crc == zlib.crc32(body) == zlib.crc32(payload, zlib.crc32(body[:7]))

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
 import pytest
 
+from fedmq.aggregator import fold
 from fedmq.aggregator.optimizers import ServerOptimizer
 from fedmq.aggregator.strategy import WeightedMean
+from fedmq.broker.errors import Reason, RejectedMessage
 
 SHAPES = {"w": (2, 2), "b": (2,)}
 
@@ -26,35 +31,46 @@ def test_weighted_mean_matches_hand_computation() -> None:
     assert mean.count == 2 and mean.total_weight == 4
 
 
-def test_weighted_mean_is_independent_of_arrival_order() -> None:
+def test_weighted_mean_depends_on_arrival_order_only_in_the_last_bits() -> None:
+    """float32 sums: another order moves the result by rounding only; the same order (a journal
+    replay) reproduces it bit for bit."""
     rng = np.random.default_rng(1)
     deltas = [{"w": rng.standard_normal((2, 2)).astype(np.float32), "b": rng.standard_normal(2).astype(np.float32)}
               for _ in range(20)]
     weights = rng.integers(1, 500, 20)
+    expected = {name: sum(float(weights[i]) * deltas[i][name].astype(np.float64) for i in range(20)) / float(weights.sum())
+                for name in SHAPES}
     results = []
-    for order in (range(20), reversed(range(20)), rng.permutation(20)):
+    for order in (range(20), reversed(range(20)), rng.permutation(20), range(20)):
         mean = WeightedMean(SHAPES)
         for i in order:
             mean.add(deltas[i], float(weights[i]))
         results.append(mean.result())
-    for other in results[1:]:
+    for result in results:
         for name in SHAPES:
-            np.testing.assert_array_equal(other[name], results[0][name])
+            np.testing.assert_allclose(result[name], expected[name], rtol=0, atol=1e-6)
+    for name in SHAPES:
+        np.testing.assert_array_equal(results[3][name], results[0][name])
 
 
-def test_weighted_mean_does_not_keep_the_deltas() -> None:
-    """Memory is O(model), not O(devices x model): folding many updates allocates nothing lasting."""
+def test_weighted_mean_memory_is_flat_in_the_number_of_updates() -> None:
+    """Memory is O(model), not O(devices x model): it keeps at most SNAPSHOT_EVERY recent deltas
+    (to rewind a refusal), so 51 or 499 updates retain the same."""
     shapes = {"w": (256, 256)}  # 256 KiB of float32 per delta
+    delta_bytes = 256 * 256 * 4
     mean = WeightedMean(shapes)
     delta = {"w": np.ones((256, 256), np.float32)}
     mean.add(delta, 1.0)
     tracemalloc.start()
     before, _ = tracemalloc.get_traced_memory()
-    for _ in range(50):
-        mean.add({"w": delta["w"] * 1.0}, 1.0)  # a fresh array each time, as decoding gives
-    after, _ = tracemalloc.get_traced_memory()
+    retained = []
+    for count in (50, 448):  # 51 and 499 added: the same place in the snapshot cycle
+        for _ in range(count):
+            mean.add({"w": delta["w"] * 1.0}, 1.0)  # a fresh array each time, as decoding gives
+        retained.append(tracemalloc.get_traced_memory()[0] - before)
     tracemalloc.stop()
-    assert after - before < 64 * 1024, f"memory grew by {after - before} bytes over 50 updates"
+    assert max(retained) <= WeightedMean.SNAPSHOT_EVERY * delta_bytes + 64 * 1024, retained
+    assert abs(retained[1] - retained[0]) <= 2 * delta_bytes, f"memory grew from {retained[0]} to {retained[1]} bytes"
     np.testing.assert_allclose(mean.result()["w"], 1.0)
 
 
@@ -73,3 +89,90 @@ def test_server_sgd_applies_learning_rate() -> None:
     np.testing.assert_array_equal(ServerOptimizer("sgd", lr=0.5).step(params, delta)["w"], [1.25, 1.5])
     with pytest.raises(ValueError):
         ServerOptimizer("sgd", lr=0)
+
+
+# -- the fold kernel and the check-then-fold contract ------------------------------------------------
+
+
+def test_fold_kernels_are_bit_identical_and_numba_is_the_default() -> None:
+    fn, name = fold.kernel()
+    assert name == "numba", "the test environment installs fedmq[fast]; without numba the fold runs as numpy passes"
+    rng = np.random.default_rng(7)
+    start = rng.standard_normal(100_003).astype(np.float32)
+    x = (rng.standard_normal(100_003) * 1e-3).astype(np.float32)
+    x_readonly = np.frombuffer(x.tobytes(), np.float32)  # as decoded from a payload
+    acc_numba, acc_numpy = start.copy(), start.copy()
+    squares = fn(acc_numba, x_readonly, np.float32(37.0))
+    reference = fold.fold_numpy(acc_numpy, x, np.float32(37.0))
+    np.testing.assert_array_equal(acc_numba, acc_numpy)
+    np.testing.assert_array_equal(acc_numpy, start + np.float32(37.0) * x)  # one rounding per operation, no FMA
+    assert squares == pytest.approx(reference, rel=1e-5)
+    assert squares == pytest.approx(float(np.dot(x.astype(np.float64), x.astype(np.float64))), rel=1e-5)
+
+
+@pytest.mark.parametrize("bad, reason", [(np.nan, Reason.NON_FINITE), (np.inf, Reason.NON_FINITE),
+                                         (-np.inf, Reason.NON_FINITE), (8e5, Reason.NORM), (1e30, Reason.NORM)])
+def test_a_refused_delta_leaves_the_sums_untouched(bad: float, reason: Reason) -> None:
+    mean = WeightedMean(SHAPES)
+    good = {"w": np.full((2, 2), 0.5, np.float32), "b": np.array([1, 2], np.float32)}
+    mean.add(good, 2.0)
+    before = mean.result()
+    poisoned = {"w": np.array([[0.1, bad], [bad, 0.2]], np.float32), "b": np.zeros(2, np.float32)}
+    for step in (mean.check, mean.add):
+        with pytest.raises(RejectedMessage) as refused:
+            step(poisoned, 1.0)
+        assert refused.value.reason is reason
+    assert mean.count == 1 and mean.total_weight == 2.0
+    for name, value in mean.result().items():
+        np.testing.assert_array_equal(value, before[name])
+    mean.add(good, 2.0)  # and it goes on folding normally
+    np.testing.assert_array_equal(mean.result()["w"], before["w"])
+
+
+@pytest.mark.parametrize("position", [0, 1, 15, 16, 17, 31, 40])
+def test_refused_and_unadded_deltas_leave_bit_identical_sums(position: int) -> None:
+    """Wherever a refusal (or a checked delta whose journal write failed) falls against the
+    snapshots, the sums equal, bit for bit, those of a mean that only ever saw the added deltas."""
+    rng = np.random.default_rng(position)
+    deltas = [{"w": rng.standard_normal((2, 2)).astype(np.float32), "b": rng.standard_normal(2).astype(np.float32)}
+              for _ in range(45)]
+    weights = [float(w) for w in rng.integers(1, 300, 45)]
+    clean, disturbed = WeightedMean(SHAPES), WeightedMean(SHAPES)
+    for i, (delta, weight) in enumerate(zip(deltas, weights, strict=True)):
+        if i == position:
+            with pytest.raises(RejectedMessage):
+                disturbed.check({"w": np.full((2, 2), np.nan, np.float32), "b": np.zeros(2, np.float32)}, 5.0)
+            disturbed.check({"w": np.full((2, 2), 9, np.float32), "b": np.ones(2, np.float32)}, 7.0)  # never added
+        clean.add(delta, weight)
+        disturbed.check(delta, weight)
+        disturbed.add(delta, weight)
+    disturbed.check({"w": np.full((2, 2), 3, np.float32), "b": np.ones(2, np.float32)}, 1.0)  # pending at the end
+    assert disturbed.count == clean.count == 45 and disturbed.total_weight == clean.total_weight
+    for name, value in disturbed.result().items():
+        np.testing.assert_array_equal(value, clean.result()[name])
+
+
+def test_check_then_add_folds_the_checked_delta_once() -> None:
+    mean = WeightedMean(SHAPES)
+    first = {"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)}
+    other = {"w": np.full((2, 2), 3, np.float32), "b": np.full(2, 3, np.float32)}
+    mean.check(first, 1.0)
+    mean.add(other, 1.0)  # not what was checked: checked and folded on its own
+    np.testing.assert_array_equal(mean.result()["w"], np.full((2, 2), 3, np.float32))
+    mean.check(first, 1.0)
+    mean.add(first, 3.0)  # same delta, another weight: folded with the weight it is added with
+    np.testing.assert_array_equal(mean.result()["b"], np.full(2, 1.5, np.float32))  # (3 + 3) / 4
+    mean.check(other, 2.0)
+    mean.add(other, 2.0)
+    np.testing.assert_array_equal(mean.result()["b"], np.full(2, 2.0, np.float32))  # (3 + 3 + 6) / 6
+    assert mean.count == 3 and mean.total_weight == 6.0
+
+
+def test_numpy_fallback_is_chosen_by_environment() -> None:
+    code = ("from fedmq.aggregator import fold; import numpy as np; from fedmq.aggregator.strategy import WeightedMean;"
+            "m = WeightedMean({'w': (3,)}); m.add({'w': np.array([1, 2, 3], np.float32)}, 2.0);"
+            "print(fold.kernel()[1], m.result()['w'].tolist())")
+    for env, name in (({"FEDMQ_FOLD": "numpy"}, "numpy"), ({"FEDMQ_FOLD": ""}, "numba")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, **env}).stdout.split(None, 1)
+        assert out[0] == name and out[1].strip() == "[1.0, 2.0, 3.0]"
