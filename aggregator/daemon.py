@@ -8,6 +8,7 @@ A bad update is counted and answered, never fatal.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import io
 import logging
@@ -27,6 +28,7 @@ from fedmq.broker.files import write_atomic
 from fedmq.broker.messages import AggregatorStatus, BackboneRef, DeviceStatus, ModelMessage, Receipt, decode_message
 from fedmq.broker.sdnotify import Notifier, watchdog_loop
 from fedmq.broker.session import cancel_tasks, raise_first_failure, run_connected
+from fedmq.broker.settings import ack
 from fedmq.broker.signing import SigningKey, load_public_key
 
 from . import fold
@@ -44,6 +46,20 @@ log = logging.getLogger(__name__)
 
 #: Seconds to wait for the broker's PUBACK of a receipt before treating the connection as dead.
 RECEIPT_TIMEOUT_S = 3.0
+
+#: Most updates and bytes one ingest batch takes (bounds the payloads held at once).
+MAX_BATCH = 16
+MAX_BATCH_BYTES = 32 * 1024 * 1024
+
+#: An update taken off the connection: (device, payload, the message to acknowledge once ingested).
+Incoming = tuple[str, bytes, aiomqtt.Message]
+
+#: Bytes of updates the broker may have in flight to the aggregator (not yet acknowledged): the
+#: MQTT 5 receive maximum is this over the model's fp32 size, between 4 and 64 messages.
+RECEIVE_WINDOW_BYTES = 256 * 1024 * 1024
+
+#: Receipts sent but not yet acknowledged by the broker, at most.
+MAX_RECEIPTS_IN_FLIGHT = 64
 
 #: Seconds between status messages while counters change within a round.
 STATUS_INTERVAL_S = 5.0
@@ -92,6 +108,7 @@ class Aggregator:
             self._resume_canary(self._stored_canary)
         self.ops = OpsService(self)
         self._ops_tasks: set[asyncio.Task[None]] = set()
+        self._receipts: set[asyncio.Task[None]] = set()  # receipts sent, waiting for their PUBACK
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -153,6 +170,12 @@ class Aggregator:
         write_atomic(directory / f"{ref.sha256}.onnx", data)
         log.info("backbone %s (%d bytes) will be published as artifact %s", self.config.backbone, ref.size, ref.sha256)
         return ref
+
+    @property
+    def receive_maximum(self) -> int:
+        """How many updates the broker may send before the aggregator has acknowledged one."""
+        update_bytes = 4 * max(1, sum(int(np.prod(shape)) for shape in self._shapes.values()))
+        return max(4, min(64, RECEIVE_WINDOW_BYTES // update_bytes))
 
     def artifact_payload(self, ref: BackboneRef) -> bytes:
         path = self.config.state_dir / "artifacts" / f"{ref.sha256}.onnx"
@@ -247,6 +270,10 @@ class Aggregator:
         notifier = Notifier.from_env()
         if self.round.checks_values:  # compile the fold kernel now, not on the first update
             log.info("fold kernel: %s", await asyncio.to_thread(fold.warm_up))
+        # the modules and the compiled kernel live as long as the process: keep them out of every
+        # later garbage collection (numba alone brings ~10^5 objects that each full pass would scan)
+        gc.collect()
+        gc.freeze()
         # READY once the state is loaded: a broker that is down at boot is a reconnect loop, not a failed start
         notifier.ready(f"serving model v{self.model.version}")
         watchdog = asyncio.create_task(watchdog_loop(notifier, stop), name="watchdog")
@@ -254,7 +281,7 @@ class Aggregator:
             await run_connected(
                 self.config.broker, self._session, identifier=self.config.client_id, stop=stop,
                 will=lambda: aiomqtt.Will(topics.aggregator_status_topic(fleet), offline, qos=1, retain=True),
-                persistent_session=True,
+                persistent_session=True, manual_ack=True, receive_maximum=self.receive_maximum,
             )
         finally:
             notifier.stopping()
@@ -289,6 +316,8 @@ class Aggregator:
             self._stop.set()
             await client.publish(topics.aggregator_status_topic(fleet), self.status("offline").encode(), qos=1, retain=True)
             return
+        # receipts are not awaited one by one: say so to aiomqtt, which warns above 10 pending calls
+        client.pending_calls_threshold = MAX_RECEIPTS_IN_FLIGHT + 16
         tasks = [
             asyncio.create_task(self._consume(client), name="consume"),
             asyncio.create_task(self._watch_deadline(client), name="deadline"),
@@ -298,6 +327,14 @@ class Aggregator:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             await cancel_tasks([*tasks, *self._ops_tasks])
+            try:
+                if self._receipts and not any(t.done() and not t.cancelled() and t.exception() for t in tasks):
+                    # a graceful stop: the receipts already sent get their PUBACK wait (else a
+                    # device never hears that its last update counted, and sends it again)
+                    await asyncio.wait(self._receipts, timeout=RECEIPT_TIMEOUT_S)
+            finally:
+                await cancel_tasks(list(self._receipts))
+                self._receipts.clear()
         raise_first_failure(tasks)
         # graceful stop: say so before the connection closes (the Will covers crashes only)
         async with self._lock:
@@ -311,36 +348,107 @@ class Aggregator:
         await client.publish(topics.aggregator_status_topic(self.config.fleet), self.status().encode(), qos=1, retain=True)
 
     async def _consume(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            try:
-                parsed = topics.parse_topic(str(message.topic))
-            except topics.TopicError:
-                parsed = None
+        """Ingest updates in batches, in a worker thread, with one journal fsync per batch.
+
+        A batch is the updates already received (at most MAX_BATCH or MAX_BATCH_BYTES). The event
+        loop goes on reading the socket while the batch is checked, journaled and folded (the fold
+        kernel, the CRC and the disk release the GIL). Receipts go out once their batch is durable; they are
+        not waited for one by one: at most MAX_RECEIPTS_IN_FLIGHT wait for their PUBACK, and one
+        that times out (a dead broker) ends the session as before.
+        """
+        messages = client.messages
+        pending: list[Incoming] = []
+        in_flight = self._receipts  # the session waits for the last ones when it ends
+
+        def check_receipts() -> None:
+            for task in [t for t in in_flight if t.done()]:
+                in_flight.discard(task)
+                task.result()  # the MqttError of a receipt that timed out ends the session
+
+        while True:
+            if not pending:
+                self._take(client, await anext(messages), pending)
+            while len(messages) and len(pending) < MAX_BATCH and sum(len(p) for _, p, _ in pending) < MAX_BATCH_BYTES:
+                self._take(client, await anext(messages), pending)  # already received: no waiting
+            if not pending:
+                continue
+            async with self._lock:
+                batch = pending
+                receipts, pending = await self._ingest_in_thread(batch)
+                log.debug("ingested a batch of %d update(s), %d left for the next round, %d queued", len(batch) - len(pending), len(pending), len(messages))
+                for _, _, message in batch[:len(batch) - len(pending)]:
+                    ack(client, message)  # handled (durable or refused): the broker may send the next one
+                for receipt in receipts:
+                    # the short PUBACK timeout still holds: a dead broker must end the session
+                    # now (the update is journaled; the device re-sends)
+                    encoded = receipt.encode()
+                    in_flight.add(asyncio.create_task(client.publish(
+                        topics.receipt_topic(self.config.fleet, receipt.device), encoded, qos=1,
+                        timeout=RECEIPT_TIMEOUT_S)))
+                    self.counters["bytes_out"] += len(encoded)
+                # let every receipt task hand its PUBLISH to paho now: the receipts of a
+                # round-closing batch must reach the devices before the next model does
+                # (a device drops what it still holds for an older version)
+                await asyncio.sleep(0)
+                check_receipts()
+                while len(in_flight) > MAX_RECEIPTS_IN_FLIGHT:
+                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    check_receipts()
+                if self.canary is None and self.round.ready(time.time()):
+                    await self._close_round(client)
+
+    def _take(self, client: aiomqtt.Client, message: aiomqtt.Message, updates: list[Incoming]) -> None:
+        """Append an update to ``updates`` (acknowledged once it is ingested); handle and
+        acknowledge any other message at once."""
+        try:
+            parsed = topics.parse_topic(str(message.topic))
+        except topics.TopicError:
+            parsed = None
+        if parsed is not None and parsed.kind == "update" and parsed.fleet == self.config.fleet and parsed.device:
+            updates.append((parsed.device, message.payload if isinstance(message.payload, bytes | bytearray) else b"", message))
+            return
+        try:
             if parsed is not None and parsed.kind == "ops_request" and parsed.fleet == self.config.fleet:
                 task = asyncio.create_task(self.ops.handle(client, message), name="ops")
                 self._ops_tasks.add(task)
                 task.add_done_callback(self._ops_tasks.discard)
-                continue
-            if parsed is not None and parsed.kind == "status" and parsed.fleet == self.config.fleet and parsed.device:
+            elif parsed is not None and parsed.kind == "status" and parsed.fleet == self.config.fleet and parsed.device:
                 self._on_device_status(parsed.device, message.payload)
                 self.ops.observe_status(parsed.device, message.payload, retained=message.retain)
-                continue
-            if parsed is None or parsed.kind != "update" or parsed.fleet != self.config.fleet or parsed.device is None:
+            else:
                 self.counters["ignored"] += 1
                 log.warning("ignoring message on unexpected topic %s", message.topic)
-                continue
-            payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
-            async with self._lock:
-                receipt = self.ingest(parsed.device, payload)
+        finally:
+            ack(client, message)
+
+    async def _ingest_in_thread(self, batch: list[Incoming]) -> tuple[list[Receipt], list[Incoming]]:
+        """:meth:`_ingest_batch` in a worker thread; a cancellation first waits for the thread, so
+        that no batch is still being ingested once the caller has released the lock."""
+        work = asyncio.get_running_loop().run_in_executor(None, self._ingest_batch, batch)
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            while not work.done():
+                await asyncio.wait([work])
+            raise
+
+    def _ingest_batch(self, batch: list[Incoming]) -> tuple[list[Receipt], list[Incoming]]:
+        """Ingest ``batch`` of (device, payload, message) under one journal group commit, stopping once the
+        round is ready; return the receipts to send and the updates left for the next round.
+
+        Every update the receipts accept is on disk when this returns. A failed group fsync raises
+        JournalError, which ends the daemon: none of the batch is acknowledged, and a restart
+        replays what reached the disk.
+        """
+        receipts: list[Receipt] = []
+        with self.journal.group_commit():
+            for index, (device, payload, _) in enumerate(batch):
+                receipt = self.ingest(device, payload)
                 if receipt is not None:
-                    # a short PUBACK timeout: a dead broker must end the session now, not after
-                    # the client's connect timeout (the update is journaled; the device re-sends)
-                    encoded = receipt.encode()
-                    await client.publish(topics.receipt_topic(self.config.fleet, parsed.device), encoded, qos=1,
-                                         timeout=RECEIPT_TIMEOUT_S)
-                    self.counters["bytes_out"] += len(encoded)
+                    receipts.append(receipt)
                 if self.canary is None and self.round.ready(time.time()):
-                    await self._close_round(client)
+                    return receipts, batch[index + 1:]
+        return receipts, []
 
     def _on_device_status(self, device: str, payload: Any) -> None:
         try:

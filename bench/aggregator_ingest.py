@@ -8,14 +8,10 @@ For each case MODEL:M, a publisher process publishes M fp32 updates (QoS 1, one 
 pre-encoded before the clock starts) as fast as Mosquitto takes them, once per consumer:
 
 - ``bare``: an aiomqtt subscriber that counts messages and bytes: the limit.
-- ``daemon``: the real ``Aggregator.run()`` shell (fsync per update, waits for each receipt's
-  PUBACK under its lock).
-- ``pipelined``: the shell proposed in docs/proposals/pipelined-ingest.patch, driving the same
-  ``Aggregator.ingest()``: it takes every update already received as one batch (at most 16 or
-  32 MB), ingests the batch in a worker thread under one journal fsync
-  (``UpdateJournal.group_commit``) while the event loop goes on reading the socket (numpy, zlib
-  and the disk release the GIL), then sends the batch's receipts without waiting for each PUBACK
-  (at most 64 unacknowledged; one that times out ends the session, as today).
+- ``daemon``: the real ``Aggregator.run()``: it takes every update already received as one batch
+  (at most 16 or 32 MB), ingests the batch in a worker thread (checks, one-pass fold, journal
+  with one fsync per batch) while the event loop goes on reading the socket, then sends the
+  batch's receipts without waiting for each PUBACK (at most 64 unacknowledged).
 
 updates/s counts from the publisher's start to the last update accepted (or received, for
 ``bare``); the ratio is against ``bare`` of the same case. The journal lives in ``--state-dir``
@@ -33,12 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-
-import aiomqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as bench  # noqa: E402
@@ -53,15 +45,7 @@ from fedmq.broker.settings import BrokerSettings  # noqa: E402
 #: Each measurement uses its own fleet (topic tree) and client ids: the aggregator's persistent
 #: session outlives its run, and must not collect (and later replay) the next run's updates.
 FLEET_PREFIX = "bench"
-CONSUMERS = ("bare", "daemon", "pipelined")
-RECEIPT_TIMEOUT_S = 3.0
-#: Most messages and bytes one batch takes. Its receipts then fit in paho's default window of 20
-#: unacknowledged QoS 1 publishes, so they wait for one round trip; receipts beyond that window
-#: queue in paho while their timeout runs, behind megabytes of updates the broker is sending us.
-MAX_BATCH = 16
-MAX_BATCH_BYTES = 32 * 1024 * 1024
-#: Receipts sent but not yet acknowledged by the broker, at most (pipelined shell).
-MAX_RECEIPTS_IN_FLIGHT = 64
+CONSUMERS = ("bare", "daemon")
 
 
 # -- publisher process --------------------------------------------------------------------------
@@ -141,8 +125,10 @@ def make_aggregator(settings: BrokerSettings, fleet: str, model_name: str, count
 
 def count_ingests(agg: Aggregator, count: int) -> asyncio.Event:
     """An event set when ``agg.ingest`` has returned ``count`` times (wraps the instance's method,
-    which the shell looks up on the instance), so that nothing polls the aggregator."""
+    which the shell looks up on the instance), so that nothing polls the aggregator. The shell
+    calls ``ingest`` from a worker thread, so the event is set through the loop."""
     done = asyncio.Event()
+    loop = asyncio.get_running_loop()
     ingest = agg.ingest
     calls = 0
 
@@ -154,14 +140,14 @@ def count_ingests(agg: Aggregator, count: int) -> asyncio.Event:
             calls += 1
             if calls == count:
                 agg.ingested_at = time.time()  # type: ignore[attr-defined]
-                done.set()
+                loop.call_soon_threadsafe(done.set)
 
     agg.ingest = counted  # type: ignore[method-assign]
     return done
 
 
 async def daemon_consumer(agg: Aggregator, count: int, ready: asyncio.Event) -> dict[str, Any]:
-    """Today's shell, as it is: ``Aggregator.run()`` until its one round closes."""
+    """The daemon as it runs: ``Aggregator.run()`` until its one round closes."""
     all_ingested = count_ingests(agg, count)
     stop = asyncio.Event()
     run = asyncio.create_task(agg.run(stop))
@@ -179,128 +165,6 @@ async def daemon_consumer(agg: Aggregator, count: int, ready: asyncio.Event) -> 
     return {"ingested_at": getattr(agg, "ingested_at", time.time())}
 
 
-# The proposed shell (the body of docs/proposals/pipelined-ingest.patch), written against the public pieces of
-# Aggregator so that it can be measured before it is applied.
-
-def ingest_batch(agg: Aggregator, batch: list[aiomqtt.Message]) -> tuple[list[Receipt], list[aiomqtt.Message]]:
-    """Ingest ``batch`` under one journal group commit, stopping early once the round is ready.
-
-    Returns the receipts to send (every update they accept is on disk when this returns) and the
-    messages left for the next round.
-    """
-    receipts: list[Receipt] = []
-    with agg.journal.group_commit():
-        for index, message in enumerate(batch):
-            try:
-                parsed = topics.parse_topic(str(message.topic))
-            except topics.TopicError:
-                parsed = None
-            if parsed is None or parsed.kind != "update" or parsed.fleet != agg.config.fleet or parsed.device is None:
-                agg.counters["ignored"] += 1
-                continue
-            payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
-            receipt = agg.ingest(parsed.device, payload)
-            if receipt is not None:
-                receipts.append(receipt)
-            if agg.round.ready(time.time()):
-                return receipts, batch[index + 1:]
-    return receipts, []
-
-
-async def ingest_in_thread(agg: Aggregator, batch: list[aiomqtt.Message]
-                           ) -> tuple[list[Receipt], list[aiomqtt.Message]]:
-    """``ingest_batch`` in a worker thread; a cancellation waits for the thread to finish first, so
-    that no batch is still being ingested when the caller has let go of the lock."""
-    work = asyncio.get_running_loop().run_in_executor(None, ingest_batch, agg, batch)
-    try:
-        return await asyncio.shield(work)
-    except asyncio.CancelledError:
-        while not work.done():
-            await asyncio.wait([work])
-        raise
-
-
-async def consume_pipelined(agg: Aggregator, client: aiomqtt.Client, lock: asyncio.Lock, *,
-                            close_round: Callable[[], Awaitable[None]], done: Callable[[], bool],
-                            stats: Counter[str]) -> None:
-    """Take what has arrived as one batch, ingest it in a worker thread (one fsync), send its
-    receipts without waiting for their PUBACKs, repeat.
-
-    The event loop goes on reading the socket (and the PUBACKs of earlier receipts) while the
-    batch is checked, journaled and folded. At most ``MAX_RECEIPTS_IN_FLIGHT`` receipts wait for
-    their PUBACK; one that times out (the broker is gone) ends the consumer, as the one-by-one wait
-    does today.
-    """
-    messages = client.messages
-    pending: list[aiomqtt.Message] = []
-    in_flight: set[asyncio.Future[None]] = set()
-
-    def check_receipts() -> None:
-        for task in [t for t in in_flight if t.done()]:
-            in_flight.discard(task)
-            task.result()  # raises the MqttError of a receipt that timed out
-
-    try:
-        while not done():
-            clock = time.perf_counter()
-            if not pending:
-                pending.append(await anext(messages))
-            size = sum(len(m.payload) for m in pending if isinstance(m.payload, bytes | bytearray))
-            while len(messages) and len(pending) < MAX_BATCH and size < MAX_BATCH_BYTES:  # already received
-                pending.append(await anext(messages))
-                size += len(pending[-1].payload) if isinstance(pending[-1].payload, bytes | bytearray) else 0
-            stats["wait_s"] += time.perf_counter() - clock
-            stats["batches"] += 1
-            stats["batched_messages"] += len(pending)
-            async with lock:
-                clock = time.perf_counter()
-                receipts, pending = await ingest_in_thread(agg, pending)
-                stats["ingest_s"] += time.perf_counter() - clock
-                clock = time.perf_counter()
-                for r in receipts:
-                    in_flight.add(asyncio.ensure_future(client.publish(
-                        topics.receipt_topic(agg.config.fleet, r.device), r.encode(), qos=1,
-                        timeout=RECEIPT_TIMEOUT_S)))
-                check_receipts()
-                while len(in_flight) > MAX_RECEIPTS_IN_FLIGHT:
-                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                    check_receipts()
-                stats["receipts_s"] += time.perf_counter() - clock
-                if agg.round.ready(time.time()):
-                    await close_round()
-        if in_flight:
-            await asyncio.gather(*in_flight)
-    finally:
-        for task in in_flight:
-            task.cancel()
-
-
-async def pipelined_consumer(agg: Aggregator, count: int, ready: asyncio.Event) -> dict[str, Any]:
-    fleet = agg.config.fleet
-    ingested_at = 0.0
-    async with agg.config.broker.client(identifier=agg.config.client_id, persistent_session=True) as client:
-        await client.subscribe(topics.updates_filter(fleet), qos=1)
-        await client.publish(topics.model_topic(fleet), agg.model_payload, qos=1, retain=True)
-        ready.set()
-
-        async def close_round() -> None:
-            nonlocal ingested_at
-            ingested_at = time.time()
-            agg.close_round()
-            await client.publish(topics.model_topic(fleet), agg.model_payload, qos=1, retain=True)
-
-        stats: Counter[str] = Counter()
-        await consume_pipelined(agg, client, asyncio.Lock(), close_round=close_round,
-                                done=lambda: agg.model.version > 1, stats=stats)
-    agg.journal.close()
-    agg.registry.close()
-    return {"ingested_at": ingested_at, "breakdown": {
-        "batches": stats["batches"], "mean_batch": stats["batched_messages"] / max(1, stats["batches"]),
-        "ingest_s": stats["ingest_s"], "receipts_wait_s": stats["receipts_s"], "message_wait_s": stats["wait_s"]}}
-
-
-# -- one measurement ---------------------------------------------------------------------------------
-
 async def measure(consumer: str, broker: Any, fleet: str, model_name: str, count: int, inflight: int,
                   state_root: Path) -> dict[str, Any]:
     settings = BrokerSettings(host=broker.host, port=broker.port, protocol="5")
@@ -312,10 +176,7 @@ async def measure(consumer: str, broker: Any, fleet: str, model_name: str, count
     else:
         state_dir = Path(tempfile.mkdtemp(prefix=f"{consumer}-", dir=state_root))
         agg = make_aggregator(settings, fleet, model_name, count, state_dir)
-        if consumer == "daemon":
-            task = asyncio.create_task(daemon_consumer(agg, count, ready))
-        else:
-            task = asyncio.create_task(pipelined_consumer(agg, count, ready))
+        task = asyncio.create_task(daemon_consumer(agg, count, ready))
     await asyncio.wait_for(ready.wait(), timeout=60)
     bench.reset_peak_rss()
     cpu0, broker_cpu0 = bench.cpu_seconds(), bench.cpu_seconds(broker.pid)
@@ -344,8 +205,6 @@ async def measure(consumer: str, broker: Any, fleet: str, model_name: str, count
         row["lost"] = count - agg.counters["accepted"]
         row["rounds_closed"] = agg.model.version - 1
         row["total_seconds_with_round_close"] = finished - started
-        if "breakdown" in out:
-            row["breakdown"] = out["breakdown"]
         shutil.rmtree(agg.config.state_dir, ignore_errors=True)
     return row
 

@@ -433,15 +433,36 @@ def _embedded_broker_class() -> type[Any]:
         def __init__(self, config: dict[str, Any], max_message_bytes: int) -> None:
             super().__init__(config)
             self.max_message_bytes = max_message_bytes
+            self.open_streams: set[asyncio.StreamWriter] = set()
 
         async def stream_connected(
             self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
         ) -> None:
-            await self.external_connected(
-                LimitedReader(StreamReaderAdapter(reader), self.max_message_bytes),
-                StreamWriterAdapter(writer),
-                listener_name,
-            )
+            self.open_streams.add(writer)
+            try:
+                await self.external_connected(
+                    LimitedReader(StreamReaderAdapter(reader), self.max_message_bytes),
+                    StreamWriterAdapter(writer),
+                    listener_name,
+                )
+            finally:
+                # amqtt 0.12 returns without closing the connection of a client that went away
+                # while the broker waited on it (e.g. for the acknowledgement of a message in
+                # flight); its socket would outlive the broker
+                self.open_streams.discard(writer)
+                if not writer.is_closing():
+                    writer.close()
+
+        async def close_open_streams(self) -> int:
+            """Close the client connections amqtt's shutdown left open; return how many there were."""
+            streams = [w for w in self.open_streams if not w.is_closing()]
+            for writer in streams:
+                writer.close()
+            for writer in streams:
+                with contextlib.suppress(OSError, ConnectionError):
+                    await writer.wait_closed()
+            self.open_streams.clear()
+            return len(streams)
 
     return SizeLimitedBroker
 
@@ -518,6 +539,9 @@ class EmbeddedBroker:
         broker, self._broker = self._broker, None
         if broker is not None:
             await broker.shutdown()
+            left = await broker.close_open_streams()
+            if left:
+                logger.debug("closed %d client connection(s) the embedded broker's shutdown left open", left)
 
     async def __aenter__(self) -> Self:
         await self.start()
