@@ -28,7 +28,6 @@ from fedmq.broker.files import write_atomic
 from fedmq.broker.messages import AggregatorStatus, BackboneRef, DeviceStatus, ModelMessage, Receipt, decode_message
 from fedmq.broker.sdnotify import Notifier, watchdog_loop
 from fedmq.broker.session import cancel_tasks, raise_first_failure, run_connected
-from fedmq.broker.settings import ack
 from fedmq.broker.signing import SigningKey, load_public_key
 
 from . import fold
@@ -51,12 +50,8 @@ RECEIPT_TIMEOUT_S = 3.0
 MAX_BATCH = 16
 MAX_BATCH_BYTES = 32 * 1024 * 1024
 
-#: An update taken off the connection: (device, payload, the message to acknowledge once ingested).
-Incoming = tuple[str, bytes, aiomqtt.Message]
-
-#: Bytes of updates the broker may have in flight to the aggregator (not yet acknowledged): the
-#: MQTT 5 receive maximum is this over the model's fp32 size, between 4 and 64 messages.
-RECEIVE_WINDOW_BYTES = 256 * 1024 * 1024
+#: An update taken off the connection: (device, payload).
+Incoming = tuple[str, bytes]
 
 #: Receipts sent but not yet acknowledged by the broker, at most.
 MAX_RECEIPTS_IN_FLIGHT = 64
@@ -171,12 +166,6 @@ class Aggregator:
         log.info("backbone %s (%d bytes) will be published as artifact %s", self.config.backbone, ref.size, ref.sha256)
         return ref
 
-    @property
-    def receive_maximum(self) -> int:
-        """How many updates the broker may send before the aggregator has acknowledged one."""
-        update_bytes = 4 * max(1, sum(int(np.prod(shape)) for shape in self._shapes.values()))
-        return max(4, min(64, RECEIVE_WINDOW_BYTES // update_bytes))
-
     def artifact_payload(self, ref: BackboneRef) -> bytes:
         path = self.config.state_dir / "artifacts" / f"{ref.sha256}.onnx"
         try:
@@ -281,7 +270,7 @@ class Aggregator:
             await run_connected(
                 self.config.broker, self._session, identifier=self.config.client_id, stop=stop,
                 will=lambda: aiomqtt.Will(topics.aggregator_status_topic(fleet), offline, qos=1, retain=True),
-                persistent_session=True, manual_ack=True, receive_maximum=self.receive_maximum,
+                persistent_session=True,
             )
         finally:
             notifier.stopping()
@@ -368,7 +357,7 @@ class Aggregator:
         while True:
             if not pending:
                 self._take(client, await anext(messages), pending)
-            while len(messages) and len(pending) < MAX_BATCH and sum(len(p) for _, p, _ in pending) < MAX_BATCH_BYTES:
+            while len(messages) and len(pending) < MAX_BATCH and sum(len(p) for _, p in pending) < MAX_BATCH_BYTES:
                 self._take(client, await anext(messages), pending)  # already received: no waiting
             if not pending:
                 continue
@@ -376,8 +365,6 @@ class Aggregator:
                 batch = pending
                 receipts, pending = await self._ingest_in_thread(batch)
                 log.debug("ingested a batch of %d update(s), %d left for the next round, %d queued", len(batch) - len(pending), len(pending), len(messages))
-                for _, _, message in batch[:len(batch) - len(pending)]:
-                    ack(client, message)  # handled (durable or refused): the broker may send the next one
                 for receipt in receipts:
                     # the short PUBACK timeout still holds: a dead broker must end the session
                     # now (the update is journaled; the device re-sends)
@@ -398,28 +385,24 @@ class Aggregator:
                     await self._close_round(client)
 
     def _take(self, client: aiomqtt.Client, message: aiomqtt.Message, updates: list[Incoming]) -> None:
-        """Append an update to ``updates`` (acknowledged once it is ingested); handle and
-        acknowledge any other message at once."""
+        """Append an update to ``updates``; handle any other message at once."""
         try:
             parsed = topics.parse_topic(str(message.topic))
         except topics.TopicError:
             parsed = None
         if parsed is not None and parsed.kind == "update" and parsed.fleet == self.config.fleet and parsed.device:
-            updates.append((parsed.device, message.payload if isinstance(message.payload, bytes | bytearray) else b"", message))
+            updates.append((parsed.device, message.payload if isinstance(message.payload, bytes | bytearray) else b""))
             return
-        try:
-            if parsed is not None and parsed.kind == "ops_request" and parsed.fleet == self.config.fleet:
-                task = asyncio.create_task(self.ops.handle(client, message), name="ops")
-                self._ops_tasks.add(task)
-                task.add_done_callback(self._ops_tasks.discard)
-            elif parsed is not None and parsed.kind == "status" and parsed.fleet == self.config.fleet and parsed.device:
-                self._on_device_status(parsed.device, message.payload)
-                self.ops.observe_status(parsed.device, message.payload, retained=message.retain)
-            else:
-                self.counters["ignored"] += 1
-                log.warning("ignoring message on unexpected topic %s", message.topic)
-        finally:
-            ack(client, message)
+        if parsed is not None and parsed.kind == "ops_request" and parsed.fleet == self.config.fleet:
+            task = asyncio.create_task(self.ops.handle(client, message), name="ops")
+            self._ops_tasks.add(task)
+            task.add_done_callback(self._ops_tasks.discard)
+        elif parsed is not None and parsed.kind == "status" and parsed.fleet == self.config.fleet and parsed.device:
+            self._on_device_status(parsed.device, message.payload)
+            self.ops.observe_status(parsed.device, message.payload, retained=message.retain)
+        else:
+            self.counters["ignored"] += 1
+            log.warning("ignoring message on unexpected topic %s", message.topic)
 
     async def _ingest_in_thread(self, batch: list[Incoming]) -> tuple[list[Receipt], list[Incoming]]:
         """:meth:`_ingest_batch` in a worker thread; a cancellation first waits for the thread, so
@@ -433,7 +416,7 @@ class Aggregator:
             raise
 
     def _ingest_batch(self, batch: list[Incoming]) -> tuple[list[Receipt], list[Incoming]]:
-        """Ingest ``batch`` of (device, payload, message) under one journal group commit, stopping once the
+        """Ingest ``batch`` of (device, payload) under one journal group commit, stopping once the
         round is ready; return the receipts to send and the updates left for the next round.
 
         Every update the receipts accept is on disk when this returns. A failed group fsync raises
@@ -442,7 +425,7 @@ class Aggregator:
         """
         receipts: list[Receipt] = []
         with self.journal.group_commit():
-            for index, (device, payload, _) in enumerate(batch):
+            for index, (device, payload) in enumerate(batch):
                 receipt = self.ingest(device, payload)
                 if receipt is not None:
                     receipts.append(receipt)

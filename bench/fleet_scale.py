@@ -35,7 +35,11 @@ from fedmq.broker.errors import RejectedMessage  # noqa: E402
 from fedmq.broker.messages import ModelMessage, Receipt, decode_message  # noqa: E402
 from fedmq.broker.settings import BrokerSettings  # noqa: E402
 
-FLEET = "fleet"
+
+def fleet_name(agents: int) -> str:
+    """Each fleet size gets its own topic tree: the broker keeps the previous case's retained model
+    (a higher version), which the next case's agents would install and then refuse to go back from."""
+    return f"fleet{agents}"
 MAX_BYTES = 64 * 1024 * 1024
 
 
@@ -48,7 +52,7 @@ def run_aggregator(port: int, model_name: str, agents: int, rounds: int, state_d
 
     bench.raise_nofile(4096)
     config = AggregatorConfig(
-        fleet=FLEET, state_dir=state_dir, broker=BrokerSettings(host="127.0.0.1", port=port, protocol="5"),
+        fleet=fleet_name(agents), state_dir=state_dir, broker=BrokerSettings(host="127.0.0.1", port=port, protocol="5"),
         client_id="bench-fleet-aggregator", arch=bench.model(model_name), max_rounds=rounds,
         policy=RoundPolicy(min_updates=agents, target_updates=agents, deadline_s=3600.0),
     )
@@ -72,11 +76,12 @@ def run_aggregator(port: int, model_name: str, agents: int, rounds: int, state_d
 # -- agent processes -----------------------------------------------------------------------------------
 
 async def agent(index: int, settings: BrokerSettings, deltas: list[Any], rounds: int, receipt_timeout: float,
-                tally: dict[str, int], connected: asyncio.Event, all_connected: list[int], total: int) -> None:
+                tally: dict[str, int], connected: asyncio.Event, all_connected: list[int], total: int,
+                fleet: str) -> None:
     device = bench.device_name(index)
     async with settings.client(identifier=f"agent-{device}") as client:
-        await client.subscribe(topics.receipt_topic(FLEET, device), qos=1)
-        await client.subscribe(topics.model_topic(FLEET), qos=1)
+        await client.subscribe(topics.receipt_topic(fleet, device), qos=1)
+        await client.subscribe(topics.model_topic(fleet), qos=1)
         all_connected[0] += 1
         if all_connected[0] == total:
             connected.set()
@@ -89,10 +94,10 @@ async def agent(index: int, settings: BrokerSettings, deltas: list[Any], rounds:
                     message = await anext(client.messages)
             except TimeoutError:
                 tally["resent"] += 1
-                await client.publish(topics.update_topic(FLEET, device), payload, qos=1)
+                await client.publish(topics.update_topic(fleet, device), payload, qos=1)
                 continue
             raw = message.payload if isinstance(message.payload, bytes | bytearray) else b""
-            if message.topic.matches(topics.model_topic(FLEET)):
+            if message.topic.matches(topics.model_topic(fleet)):
                 try:
                     model = decode_message(raw, max_bytes=MAX_BYTES, expect=ModelMessage)
                 except RejectedMessage:
@@ -107,7 +112,7 @@ async def agent(index: int, settings: BrokerSettings, deltas: list[Any], rounds:
                 payload = bench.update_payload(device, waiting, deltas[index % len(deltas)], base_version=installed,
                                                num_examples=10 + index % 50)
                 tally["sent"] += 1
-                await client.publish(topics.update_topic(FLEET, device), payload, qos=1)
+                await client.publish(topics.update_topic(fleet, device), payload, qos=1)
             else:
                 receipt = decode_message(raw, max_bytes=MAX_BYTES, expect=Receipt)
                 if receipt.update_id != waiting:
@@ -128,7 +133,7 @@ async def run_agents(port: int, model_name: str, first: int, count: int, total_a
     connected = asyncio.Event()
     counter = [0]
     tasks = [asyncio.create_task(agent(i, settings, deltas, rounds, receipt_timeout, tally, connected, counter,
-                                       count))
+                                       count, fleet_name(total_agents)))
              for i in range(first, first + count)]
     await asyncio.wait_for(connected.wait(), timeout=120)
     print(json.dumps({"connected": time.time()}), flush=True)

@@ -87,8 +87,6 @@ async def run_connected(
     persistent_session: bool = False,
     backoff: Backoff | None = None,
     max_queued_incoming: int | None = None,
-    manual_ack: bool = False,
-    receive_maximum: int | None = None,
     on_disconnect: Callable[[BaseException], None] = lambda exc: None,
 ) -> None:
     """Keep a connection up and run ``session(client, protocol)`` on it until ``stop`` is set.
@@ -102,8 +100,7 @@ async def run_connected(
     while not stop.is_set():
         try:
             client = settings.client(identifier=identifier, will=will(), persistent_session=persistent_session,
-                                     protocol=protocol, max_queued_incoming=max_queued_incoming,  # type: ignore[arg-type]
-                                     manual_ack=manual_ack, receive_maximum=receive_maximum)
+                                     protocol=protocol, max_queued_incoming=max_queued_incoming)  # type: ignore[arg-type]
             async with client:
                 backoff.reset()
                 negotiated = True

@@ -105,20 +105,12 @@ class BrokerSettings:
 
     def client(self, *, identifier: str, will: aiomqtt.Will | None = None, persistent_session: bool = False,
                session_expiry: int = 3600, protocol: Literal["5", "3.1.1"] | None = None,
-               max_queued_incoming: int | None = None, manual_ack: bool = False,
-               receive_maximum: int | None = None) -> aiomqtt.Client:
+               max_queued_incoming: int | None = None) -> aiomqtt.Client:
         """An aiomqtt client (an async context manager that is the connection).
 
         ``protocol`` overrides ``self.protocol`` (``auto`` means the caller tries ``5`` first).
         ``persistent_session`` keeps the broker-side session (and QoS 1 messages queued for it)
         across disconnects: MQTT 5 clean start off with a session expiry, 3.1.1 clean session off.
-
-        ``manual_ack`` leaves the PUBACK of every QoS 1 message received to the caller
-        (:func:`ack`), which sends it once the message is handled: the broker then holds at most
-        its in-flight window of unacknowledged messages for this client (``receive_maximum`` over
-        MQTT 5; Mosquitto's ``max_inflight_messages``, 20 by default, over 3.1.1), so a slow
-        consumer is flow-controlled by the broker instead of buffering every message in memory,
-        and a message not yet handled is delivered again after a reconnect.
         """
         version = protocol or ("3.1.1" if self.protocol == "3.1.1" else "5")
         kwargs: dict[str, Any] = {
@@ -134,16 +126,13 @@ class BrokerSettings:
         }
         if version == "5":
             kwargs["protocol"] = aiomqtt.ProtocolVersion.V5
-            props = Properties(PacketTypes.CONNECT)
             if persistent_session:
+                props = Properties(PacketTypes.CONNECT)
                 props.SessionExpiryInterval = session_expiry
+                kwargs["properties"] = props
                 kwargs["clean_start"] = False
             else:
                 kwargs["clean_start"] = True
-            if receive_maximum is not None:
-                props.ReceiveMaximum = receive_maximum
-            if persistent_session or receive_maximum is not None:
-                kwargs["properties"] = props
         else:
             kwargs["protocol"] = aiomqtt.ProtocolVersion.V311
             kwargs["clean_session"] = not persistent_session
@@ -152,18 +141,7 @@ class BrokerSettings:
             if self.cert_file:
                 context.load_cert_chain(self.cert_file, self.key_file)
             kwargs["tls_context"] = context
-        client = aiomqtt.Client(**kwargs)
-        if manual_ack:
-            # aiomqtt has no option for it; its paho client does (public paho API)
-            client._client.manual_ack_set(True)  # noqa: SLF001
-        return client
-
-
-def ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
-    """Acknowledge ``message`` (QoS 1 or 2) on a client made with ``manual_ack=True``; from the
-    event loop that runs the client. A no-op for QoS 0."""
-    if message.qos > 0:
-        client._client.ack(message.mid, message.qos)  # noqa: SLF001
+        return aiomqtt.Client(**kwargs)
 
 
 def is_protocol_refusal(exc: BaseException) -> bool:
