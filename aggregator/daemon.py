@@ -258,7 +258,8 @@ class Aggregator:
         self.metrics.serve_or_log(self.config.metrics_host, self.config.metrics_port, self.config.client_id)
         notifier = Notifier.from_env()
         if self.round.checks_values:  # compile the fold kernel now, not on the first update
-            log.info("fold kernel: %s", await asyncio.to_thread(fold.warm_up))
+            largest = max((int(np.prod(shape)) for shape in self._shapes.values()), default=0)
+            log.info("fold kernel: %s", await asyncio.to_thread(fold.warm_up, largest))
         # the modules and the compiled kernel live as long as the process: keep them out of every
         # later garbage collection (numba alone brings ~10^5 objects that each full pass would scan)
         gc.collect()

@@ -6,8 +6,9 @@ a multiply and an add, reading the update from memory more than once; this kerne
 which is what numpy's own ``acc += x`` costs.
 
 With numba installed (``pip install 'fedmq[fast]'``) the kernel is compiled on first use (about
-half a second; the daemon does it at start-up with :func:`warm_up`). Without numba the same
-arithmetic runs as numpy passes. Both give bit-identical sums: each element becomes
+half a second; the daemon does it at start-up with :func:`warm_up`) and folds tensors of at
+least :data:`SMALL` elements. Smaller tensors, and all of them without numba, are folded with
+the same arithmetic as numpy passes. Both give bit-identical sums: each element becomes
 ``float32(acc + float32(w * x))``, with no fused multiply-add. Only the sum of squares may differ
 in its last bits (numba adds it in another order); it only feeds the checks.
 
@@ -26,6 +27,10 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 FoldFn = Callable[[np.ndarray, np.ndarray, np.float32], float]
+
+#: Tensors smaller than this are folded with numpy (same bits): for them a pass is cheap either
+#: way, and a small model (the demo's) never pays for importing numba and compiling the kernel.
+SMALL = 1 << 16
 
 _lock = threading.Lock()
 _kernel: FoldFn | None = None
@@ -79,9 +84,10 @@ def kernel() -> tuple[FoldFn, str]:
         return _kernel, _kernel_name
 
 
-def warm_up() -> str:
-    """Compile the kernel now (call it from a worker thread at start-up); return its name."""
-    return kernel()[1]
+def warm_up(largest: int) -> str:
+    """Compile the kernel now if a tensor of ``largest`` elements will need it (call it from a
+    worker thread at start-up); return the name of what folds the largest tensor."""
+    return kernel()[1] if largest >= SMALL else "numpy"
 
 
 def fold(acc: np.ndarray, x: np.ndarray, weight: float) -> float:
@@ -92,7 +98,7 @@ def fold(acc: np.ndarray, x: np.ndarray, weight: float) -> float:
     ``x`` makes the returned sum non-finite, and so does a sum that overflows float32; ``acc`` is
     changed either way (see :class:`~.strategy.WeightedMean` for how a refusal is undone).
     """
-    fn, _ = kernel()
+    fn = kernel()[0] if x.size >= SMALL else fold_numpy
     if x.dtype != np.float32 or not x.flags.c_contiguous:
         x = np.ascontiguousarray(x, dtype=np.float32)
     return float(fn(acc.reshape(-1), x.reshape(-1), np.float32(weight)))

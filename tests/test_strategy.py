@@ -176,3 +176,14 @@ def test_numpy_fallback_is_chosen_by_environment() -> None:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={**os.environ, **env}).stdout.split(None, 1)
         assert out[0] == name and out[1].strip() == "[1.0, 2.0, 3.0]"
+
+
+def test_small_models_never_import_numba_and_large_tensors_use_the_kernel() -> None:
+    code = ("import sys, numpy as np; from fedmq.aggregator import fold; from fedmq.aggregator.strategy import WeightedMean;"
+            "m = WeightedMean({'w': (64, 64)}); m.add({'w': np.ones((64, 64), np.float32)}, 1.0);"
+            "small = 'numba' in sys.modules; print(fold.warm_up(64 * 64), small);"
+            "big = WeightedMean({'w': (fold.SMALL,)}); big.add({'w': np.ones(fold.SMALL, np.float32)}, 2.0);"
+            "print(fold.warm_up(fold.SMALL), 'numba' in sys.modules, float(big.result()['w'][0]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "FEDMQ_FOLD": ""}).stdout.split()
+    assert out == ["numpy", "False", "numba", "True", "1.0"]
