@@ -284,8 +284,12 @@ async def test_async_fleet_with_a_straggler_publishes_versions_without_waiting(m
     slow_accepted = agents[2].counters["accepted"]
     assert slow_accepted < agents[0].counters["accepted"] and slow_accepted < agents[1].counters["accepted"]
     assert sum(a.counters["accepted"] for a in agents) >= 12
-    # one update in flight per device: nothing piled up stale at the aggregator
-    assert aggregator.counters["rejected"] == 0
+    # one update in flight per device: nothing piled up stale at the aggregator. The straggler can
+    # lose one race: it checks max_staleness before it sends, but a version published while its
+    # update is on the way can still make it one too old on arrival (seen once with the batched
+    # ingest, which publishes versions sooner)
+    assert aggregator.counters["rejected"] == aggregator.counters["rejected_stale"] <= 1, dict(aggregator.counters)
+    assert agents[0].counters["rejected"] == agents[1].counters["rejected"] == 0
     registry.close()
 
 
