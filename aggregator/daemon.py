@@ -485,7 +485,7 @@ class Aggregator:
             update_id = update.update_id  # from here on, receipts name the update they answer
             delta = check_update(update, topic_device=device, shapes=self._shapes, codec=self.config.task.codec,
                                  check_values=not self.round.checks_values)  # else checked as it is folded
-            self.round.check_delta(delta, update.num_examples)  # values, norm bound: before it is durable
+            self.round.check_delta(update, delta)  # values, norm bound: before it is durable
             key = (device, update.update_id)
             if key in self._seen:
                 self.counters["duplicates"] += 1

@@ -75,14 +75,21 @@ class _Collector:
         """True when the strategy checks each delta's values itself (see ``check_update``)."""
         return bool(getattr(self._mean, "checks_values", False))
 
-    def check_delta(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
-        """Raise what the strategy would refuse (e.g. a norm bound in reject mode), changing nothing."""
+    def contribution(self, update: UpdateMessage, delta: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        """The delta the strategy folds for ``update`` (the buffer scales it by staleness)."""
+        return delta
+
+    def check_delta(self, update: UpdateMessage, delta: Mapping[str, np.ndarray]) -> None:
+        """Raise what the strategy would refuse (e.g. a norm bound in reject mode), changing nothing.
+
+        It checks the same delta object that :meth:`add` will fold, so a strategy that folds as
+        it checks (:class:`WeightedMean`) does the work once."""
         check = getattr(self._mean, "check", None)
         if check is not None:
-            check(delta, weight)
+            check(self.contribution(update, delta), update.num_examples)
 
     def _fold(self, update: UpdateMessage, delta: Mapping[str, np.ndarray], payload_bytes: int) -> None:
-        self._mean.add(delta, update.num_examples)
+        self._mean.add(self.contribution(update, delta), update.num_examples)
         self._examples += update.num_examples
         self._bytes += payload_bytes
         for name, value in update.metrics.items():
@@ -187,6 +194,7 @@ class AsyncBuffer(_Collector):
         self.max_staleness = max_staleness
         self.weight = weight or StalenessWeight()
         self.staleness_counts: Counter[int] = Counter()
+        self._scaled: tuple[UpdateMessage, Mapping[str, np.ndarray], Mapping[str, np.ndarray]] | None = None
 
     def staleness(self, update: UpdateMessage) -> int:
         return self.version - update.base_version
@@ -200,16 +208,27 @@ class AsyncBuffer(_Collector):
             raise RejectedMessage(Reason.STALE, f"computed from version {update.base_version}, {staleness} versions behind "
                                   f"{self.version}; max_staleness is {self.max_staleness}")
 
-    def scaled(self, update: UpdateMessage, delta: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-        factor = self.weight(self.staleness(update))
+    def contribution(self, update: UpdateMessage, delta: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        """``delta`` scaled by the staleness weight; the same object for the same update and delta,
+        so that checking and folding it see one delta."""
+        staleness = self.staleness(update)
+        if not 0 <= staleness <= self.max_staleness:
+            return delta  # refused by check() anyway; its values may still be checked first
+        factor = self.weight(staleness)
         if factor == 1.0:
             return delta
-        return {name: np.multiply(value, np.float32(factor)) for name, value in delta.items()}
+        cached = self._scaled
+        if cached is not None and cached[0] is update and cached[1] is delta:
+            return cached[2]
+        scaled = {name: np.multiply(value, np.float32(factor)) for name, value in delta.items()}
+        self._scaled = (update, delta, scaled)
+        return scaled
 
     def add(self, update: UpdateMessage, delta: Mapping[str, np.ndarray], payload_bytes: int) -> None:
         """Fold a checked update, scaled by its staleness weight (call :meth:`check` first)."""
         self.check(update)
-        self._fold(update, self.scaled(update, delta), payload_bytes)
+        self._fold(update, delta, payload_bytes)
+        self._scaled = None
         self.staleness_counts[self.staleness(update)] += 1
 
     def result(self) -> RoundResult:

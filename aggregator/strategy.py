@@ -20,6 +20,17 @@ from . import fold
 MAX_DELTA_NORM = 1e6
 
 
+def value_refusal(delta: Mapping[str, np.ndarray]) -> RejectedMessage:
+    """Why ``delta``'s values are refused, once a fast check found them bad: a non-finite value,
+    else an L2 norm (computed exactly, in float64) over :data:`MAX_DELTA_NORM`."""
+    for name, array in delta.items():
+        if not np.isfinite(array).all():
+            return RejectedMessage(Reason.NON_FINITE, f"tensor {name!r} contains NaN or infinity")
+    exact = sum(float(np.dot(a.reshape(-1).astype(np.float64), a.reshape(-1).astype(np.float64))) for a in delta.values())
+    # finite but absurd: a few of these would overflow the float32 model itself
+    return RejectedMessage(Reason.NORM, f"update L2 norm {exact ** 0.5:.3g} is over the hard limit {MAX_DELTA_NORM:g}")
+
+
 class WeightedMean:
     """Streaming weighted mean of deltas: ``sum(w_i * d_i) / sum(w_i)``.
 
@@ -76,7 +87,7 @@ class WeightedMean:
         squared = self._fold(delta, weight)
         if not squared <= MAX_DELTA_NORM ** 2:
             self._rewind()
-            raise self._refusal(delta)
+            raise value_refusal(delta)
         self._pending = (delta, float(weight))
 
     def add(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
@@ -97,14 +108,6 @@ class WeightedMean:
                 np.copyto(self._snapshot[name], acc)
             self._since.clear()
             self._since_bytes = 0
-
-    @staticmethod
-    def _refusal(delta: Mapping[str, np.ndarray]) -> RejectedMessage:
-        for name, array in delta.items():
-            if not np.isfinite(array).all():
-                return RejectedMessage(Reason.NON_FINITE, f"tensor {name!r} contains NaN or infinity")
-        exact = sum(float(np.dot(a.reshape(-1).astype(np.float64), a.reshape(-1).astype(np.float64))) for a in delta.values())
-        return RejectedMessage(Reason.NORM, f"update L2 norm {exact ** 0.5:.3g} is over the hard limit {MAX_DELTA_NORM:g}")
 
     def result(self) -> dict[str, np.ndarray]:
         """The weighted mean; raises if nothing was added."""
