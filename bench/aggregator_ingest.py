@@ -14,7 +14,8 @@ pre-encoded before the clock starts) as fast as Mosquitto takes them, once per c
   batch's receipts without waiting for each PUBACK (at most 64 unacknowledged).
 
 updates/s counts from the publisher's start to the last update accepted (or received, for
-``bare``); the ratio is against ``bare`` of the same case. The journal lives in ``--state-dir``
+``bare``); the ratio is against ``bare`` of the same case. "cpu s" is the consumer's CPU time in
+that window, "of it sys" the kernel's share (page faults, socket and journal writes). The journal lives in ``--state-dir``
 (default: a temporary directory under /var/tmp, on disk; tmpfs would make fsync free).
 """
 
@@ -180,6 +181,7 @@ async def measure(consumer: str, broker: Any, fleet: str, model_name: str, count
     await asyncio.wait_for(ready.wait(), timeout=60)
     bench.reset_peak_rss()
     cpu0, broker_cpu0 = bench.cpu_seconds(), bench.cpu_seconds(broker.pid)
+    split0 = bench.cpu_split()
     started = publisher.go()
     try:
         out = await asyncio.wait_for(task, timeout=max(120, count * 0.5))
@@ -188,12 +190,14 @@ async def measure(consumer: str, broker: Any, fleet: str, model_name: str, count
             task.cancel()
     finished = time.time()
     cpu, broker_cpu = bench.cpu_seconds() - cpu0, bench.cpu_seconds(broker.pid) - broker_cpu0
+    split = [b - a for a, b in zip(split0, bench.cpu_split(), strict=True)]
     pub = await asyncio.to_thread(publisher.result, 60)
     end = out.get("ingested_at", finished)
     row: dict[str, Any] = {
         "consumer": consumer, "model": model_name, "updates": count, "seconds": end - started,
         "updates_per_s": count / (end - started), "mb_per_s": pub["bytes"] / (end - started) / 1e6,
-        "consumer_cpu_s": cpu, "broker_cpu_s": broker_cpu, "publisher_cpu_s": pub["cpu_s"],
+        "consumer_cpu_s": cpu, "consumer_user_s": split[0], "consumer_sys_s": split[1],
+        "consumer_minor_faults": split[2], "broker_cpu_s": broker_cpu, "publisher_cpu_s": pub["cpu_s"],
         "publisher_seconds": pub["end"] - pub["start"], "consumer_peak_rss_mb": bench.peak_rss_mb(),
     }
     if agg is None:
@@ -262,11 +266,12 @@ def main() -> None:
     print(bench.describe_machine(info))
     rows = asyncio.run(run_all(args))
     print(f"{'case':12} {'consumer':15} {'updates/s':>9} {'MB/s':>7} {'vs bare':>7} {'lost':>4} "
-          f"{'cpu s':>6} {'broker cpu s':>12} {'peak MB':>8}")
+          f"{'cpu s':>6} {'of it sys':>9} {'broker cpu s':>12} {'peak MB':>8}")
     for row in rows:
         print(f"{row['model'] + ':' + str(row['updates']):12} {row['consumer']:15} {row['updates_per_s']:9.1f} "
               f"{row['mb_per_s']:7.1f} {row.get('vs_bare', float('nan')):7.2f} {row['lost']:4d} "
-              f"{row['consumer_cpu_s']:6.2f} {row['broker_cpu_s']:12.2f} {row['consumer_peak_rss_mb']:8.0f}")
+              f"{row['consumer_cpu_s']:6.2f} {row['consumer_sys_s']:9.2f} {row['broker_cpu_s']:12.2f} "
+              f"{row['consumer_peak_rss_mb']:8.0f}")
     bench.write_json(args.json, {"benchmark": "aggregator_ingest", "machine": info, "results": rows})
 
 

@@ -170,3 +170,133 @@ def test_record_format_is_plain_crc32_whichever_implementation_wrote_it(tmp_path
     body = raw[8:8 + length]
     assert body == struct.pack("<H", 5) + b"dev-7" + payload
     assert crc == zlib.crc32(body) == zlib.crc32(payload, zlib.crc32(body[:7]))
+
+
+# -- O_DIRECT appends ---------------------------------------------------------------------------
+
+def _o_direct_works(directory: Path) -> bool:
+    import os
+
+    probe = directory / "probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600))
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+    return True
+
+
+def _records(rng: np.random.Generator) -> list[tuple[str, bytes]]:
+    # sizes on both sides of the 4 KiB blocks, and one that spans many
+    sizes = [0, 1, 4096 - 15, 4096, 4097, 70_000, 3, 1_300_001, 8191, 12]
+    return [(f"dev-{i}", rng.bytes(size)) for i, size in enumerate(sizes)]
+
+
+@pytest.fixture
+def disk_dir(tmp_path: Path) -> Path:
+    if not _o_direct_works(tmp_path):
+        pytest.skip(f"{tmp_path} is on a file system without O_DIRECT (tmpfs?): nothing to test here")
+    return tmp_path
+
+
+def test_direct_appends_write_the_same_file_as_page_cache_appends(disk_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    records = _records(np.random.default_rng(11))
+    files = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("FEDMQ_JOURNAL_DIRECT", mode)
+        journal = UpdateJournal(disk_dir / f"direct-{mode}")
+        journal.open_round(2)
+        assert journal.direct == (mode == "1")
+        with journal.group_commit():
+            for device, payload in records[:4]:
+                journal.append(device, payload)
+        for device, payload in records[4:]:
+            journal.append(device, payload)
+        if journal.direct:  # while open, the file ends in zeros up to a block boundary
+            raw = journal.path(2).read_bytes()
+            assert len(raw) % 4096 == 0 and raw.rstrip(b"\0") == raw[:len(raw.rstrip(b"\0"))]
+        journal.close()
+        files[mode] = journal.path(2).read_bytes()
+        assert UpdateJournal(disk_dir / f"direct-{mode}").open_round(2) == records
+    assert files["1"] == files["0"], "close() trims the padding: the same bytes either way"
+
+
+def test_a_crash_leaves_only_padding_which_a_restart_trims_quietly(disk_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+
+    records = _records(np.random.default_rng(5))
+    journal = UpdateJournal(disk_dir / "live")
+    journal.open_round(1)
+    for device, payload in records[:5]:
+        journal.append(device, payload)
+    # the process dies here: copy the file as it is on disk, without close()
+    shutil.copytree(disk_dir / "live", disk_dir / "crashed")
+    size = (disk_dir / "crashed" / "v00000001.log").stat().st_size
+    assert size % 4096 == 0
+    with caplog.at_level("DEBUG", logger="fedmq.aggregator.journal"):
+        resumed = UpdateJournal(disk_dir / "crashed")
+        assert resumed.open_round(1) == records[:5]
+    assert "trimming" in caplog.text and "cut short" not in caplog.text
+    for device, payload in records[5:]:  # appends go on from the last record, not the padding
+        resumed.append(device, payload)
+    resumed.close()
+    journal.close()
+    assert UpdateJournal(disk_dir / "crashed").open_round(1) == records
+
+
+def test_a_failed_direct_write_loses_nothing_before_it(disk_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    from fedmq.aggregator.journal import JournalError
+
+    journal = UpdateJournal(disk_dir)
+    journal.open_round(1)
+    journal.append("a", b"x" * 5000)
+    assert journal.direct
+    real_pwrite = os.pwrite
+
+    def disk_full(fd: int, data: memoryview, offset: int) -> int:
+        real_pwrite(fd, data[:4096], offset)  # part of the blocks reached the disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", disk_full)
+    with pytest.raises(JournalError, match="No space left"):
+        journal.append("b", b"y" * 9000)
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    journal.append("c", b"z" * 3)
+    journal.close()
+    assert UpdateJournal(disk_dir).open_round(1) == [("a", b"x" * 5000), ("c", b"zzz")]
+
+
+def test_a_file_system_that_refuses_direct_writes_gets_page_cache_writes(disk_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    import errno
+    import os
+
+    journal = UpdateJournal(disk_dir)
+    journal.open_round(1)
+    journal.append("a", b"first")
+    monkeypatch.setattr(os, "pwrite", lambda *_: (_ for _ in ()).throw(OSError(errno.EINVAL, "Invalid argument")))
+    with caplog.at_level("INFO", logger="fedmq.aggregator.journal"):
+        journal.append("b", b"second")
+    assert not journal.direct and "O_DIRECT writes refused" in caplog.text
+    journal.append("c", b"third")
+    journal.close()
+    assert UpdateJournal(disk_dir).open_round(1) == [("a", b"first"), ("b", b"second"), ("c", b"third")]
+
+
+def test_tmpfs_journal_writes_through_the_page_cache(tmp_path: Path) -> None:
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm on this machine")
+    with tempfile.TemporaryDirectory(dir=shm) as directory:
+        journal = UpdateJournal(Path(directory))
+        journal.open_round(1)
+        journal.append("a", b"payload")
+        assert journal.direct == _o_direct_works(Path(directory))
+        journal.close()
+        assert UpdateJournal(Path(directory)).open_round(1) == [("a", b"payload")]
