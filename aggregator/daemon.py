@@ -29,6 +29,7 @@ from fedmq.broker.messages import AggregatorStatus, BackboneRef, DeviceStatus, M
 from fedmq.broker.sdnotify import Notifier, watchdog_loop
 from fedmq.broker.session import cancel_tasks, raise_first_failure, run_connected
 from fedmq.broker.signing import SigningKey, load_public_key
+from fedmq.broker.zerocopy import zero_copy
 
 from . import fold
 from .config import AggregatorConfig
@@ -287,6 +288,7 @@ class Aggregator:
     async def _session(self, client: aiomqtt.Client, protocol: str) -> None:
         fleet = self.config.fleet
         assert self._stop is not None
+        zero_copy(client)  # updates arrive as paho's receive buffers, not four copies of them
         await client.subscribe(topics.updates_filter(fleet), qos=1)
         await client.subscribe(topics.ops_requests_filter(fleet), qos=1)
         await client.subscribe(topics.statuses_filter(fleet), qos=1)  # who is online, for metrics and ops

@@ -7,8 +7,8 @@ which is what numpy's own ``acc += x`` costs.
 
 With numba installed (``pip install 'fedmq[fast]'``) the kernel is compiled on first use (about
 half a second; the daemon does it at start-up with :func:`warm_up`) and folds tensors of at
-least :data:`SMALL` elements. Smaller tensors, and all of them without numba, are folded with
-the same arithmetic as numpy passes. Both give bit-identical sums: each element becomes
+least :data:`SMALL` elements (and, once compiled, the smaller ones as well). Small tensors before
+that, and all of them without numba, are folded with the same arithmetic as numpy passes. Both give bit-identical sums: each element becomes
 ``float32(acc + float32(w * x))``, with no fused multiply-add. Only the sum of squares may differ
 in its last bits (numba adds it in another order); it only feeds the checks.
 
@@ -98,7 +98,9 @@ def fold(acc: np.ndarray, x: np.ndarray, weight: float) -> float:
     ``x`` makes the returned sum non-finite, and so does a sum that overflows float32; ``acc`` is
     changed either way (see :class:`~.strategy.WeightedMean` for how a refusal is undone).
     """
-    fn = kernel()[0] if x.size >= SMALL else fold_numpy
+    # once compiled, the kernel folds small tensors too: the same bits, and no BLAS call (numpy's
+    # dot wakes OpenBLAS's threads, which then spin on this machine's few cores)
+    fn = _kernel if _kernel is not None else kernel()[0] if x.size >= SMALL else fold_numpy
     if x.dtype != np.float32 or not x.flags.c_contiguous:
         x = np.ascontiguousarray(x, dtype=np.float32)
     return float(fn(acc.reshape(-1), x.reshape(-1), np.float32(weight)))

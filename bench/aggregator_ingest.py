@@ -13,8 +13,19 @@ pre-encoded before the clock starts) as fast as Mosquitto takes them, once per c
   with one fsync per batch) while the event loop goes on reading the socket, then sends the
   batch's receipts without waiting for each PUBACK (at most 64 unacknowledged).
 
-updates/s counts from the publisher's start to the last update accepted (or received, for
-``bare``); the ratio is against ``bare`` of the same case. "cpu s" is the consumer's CPU time in
+Two modes (``--modes``, both by default):
+
+- ``live``: the publisher publishes while the consumer consumes, as a fleet does in a round.
+  Publisher, Mosquitto and consumer share this machine's cores, so here every CPU second the
+  consumer spends is taken from the publisher and the broker.
+- ``backlog``: the consumer's persistent session is made first, the publisher then publishes the
+  whole stream into it while the consumer is away (Mosquitto queues it), and the clock runs while
+  the consumer, back online, drains the queue: the consumer and Mosquitto alone, as for an
+  aggregator that restarts into a queued burst, or whose devices publish from other machines.
+
+updates/s counts from the publisher's start (``live``) or the first message taken (``backlog``)
+to the last update accepted (or received, for ``bare``); the ratio is against ``bare`` of the same
+case and mode. "cpu s" is the consumer's CPU time in
 that window, "of it sys" the kernel's share (page faults, socket and journal writes). The journal lives in ``--state-dir``
 (default: a temporary directory under /var/tmp, on disk; tmpfs would make fsync free).
 """
@@ -35,6 +46,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as bench  # noqa: E402
+import aiomqtt  # noqa: E402
 
 from fedmq.aggregator.config import AggregatorConfig  # noqa: E402
 from fedmq.aggregator.daemon import Aggregator  # noqa: E402
@@ -166,6 +178,103 @@ async def daemon_consumer(agg: Aggregator, count: int, ready: asyncio.Event) -> 
     return {"ingested_at": getattr(agg, "ingested_at", time.time())}
 
 
+class FirstArrival:
+    """The time and this process's CPU use when the MQTT client library hands over the first
+    message after :meth:`arm`: the clock of a backlog drain, the same for both consumers (paho
+    starts reading the queued stream as soon as it connects, before the aggregator takes any)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, Any] = {}
+        self.armed = False
+        on_message = aiomqtt.Client._on_message
+
+        def first_arrival(client: aiomqtt.Client, *args: Any) -> None:
+            if self.armed and not self.seen:
+                self.seen.update(at=time.time(), split=bench.cpu_split())
+            on_message(client, *args)
+
+        aiomqtt.Client._on_message = first_arrival  # type: ignore[method-assign]
+
+    def arm(self) -> dict[str, Any]:
+        self.seen = {}
+        self.armed = True
+        return self.seen
+
+
+FIRST = FirstArrival()
+
+
+async def measure_backlog(consumer: str, broker: Any, fleet: str, model_name: str, count: int, inflight: int,
+                          state_root: Path) -> dict[str, Any]:
+    """Queue the whole stream in the consumer's persistent session, then time the consumer draining it."""
+    settings = BrokerSettings(host=broker.host, port=broker.port, protocol="5")
+    client_id = f"{fleet}-{consumer}"
+    state_dir = Path(tempfile.mkdtemp(prefix=f"{consumer}-", dir=state_root))
+    if consumer == "bare":
+        async with settings.client(identifier=client_id, persistent_session=True) as client:
+            await client.subscribe(topics.updates_filter(fleet), qos=1)
+    else:  # the aggregator's own session: run it until it has subscribed, then stop it
+        first_run = make_aggregator(settings, fleet, model_name, count, state_dir)
+        await asyncio.wait_for(daemon_until_subscribed(first_run), timeout=60)
+    publisher = await asyncio.to_thread(Publisher, broker.port, fleet, model_name, count, inflight)
+    publisher.go()
+    pub = await asyncio.to_thread(publisher.result, max(120, count * 0.5))  # all queued in Mosquitto
+    broker_cpu0 = bench.cpu_seconds(broker.pid)
+    bench.reset_peak_rss()
+    agg = None
+    first = FIRST.arm()
+    if consumer == "bare":
+        received = nbytes = 0
+        async with settings.client(identifier=client_id, persistent_session=True) as client:
+            async for message in client.messages:
+                received += 1
+                nbytes += len(message.payload) if isinstance(message.payload, bytes | bytearray) else 0
+                if received == count:
+                    break
+        end = time.time()
+    else:
+        agg = make_aggregator(settings, fleet, model_name, count, state_dir)
+        done = count_ingests(agg, count)
+        stop = asyncio.Event()
+        run = asyncio.create_task(agg.run(stop))
+        await asyncio.wait([run, asyncio.create_task(done.wait())], return_when=asyncio.FIRST_COMPLETED,
+                           timeout=max(120, count * 0.5))
+        end = getattr(agg, "ingested_at", time.time())
+        await asyncio.wait_for(run, timeout=120)
+    split = [b - a for a, b in zip(first["split"], bench.cpu_split(), strict=True)]
+    seconds = end - first["at"]
+    row: dict[str, Any] = {
+        "consumer": consumer, "mode": "backlog", "model": model_name, "updates": count, "seconds": seconds,
+        "updates_per_s": count / seconds, "mb_per_s": pub["bytes"] / seconds / 1e6,
+        "consumer_cpu_s": split[0] + split[1], "consumer_user_s": split[0], "consumer_sys_s": split[1],
+        "consumer_minor_faults": split[2], "broker_cpu_s": bench.cpu_seconds(broker.pid) - broker_cpu0,
+        "publisher_cpu_s": pub["cpu_s"], "publisher_seconds": pub["end"] - pub["start"],
+        "consumer_peak_rss_mb": bench.peak_rss_mb(),
+    }
+    if agg is None:
+        row["received"], row["bytes"] = received, nbytes
+        row["lost"] = count - received
+    else:
+        row["accepted"] = agg.counters["accepted"]
+        row["rejected"] = agg.counters["rejected"]
+        row["lost"] = count - agg.counters["accepted"]
+        row["rounds_closed"] = agg.model.version - 1
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return row
+
+
+async def daemon_until_subscribed(agg: Aggregator) -> None:
+    """Run the aggregator until its first status (it has subscribed), then stop it gracefully."""
+    stop = asyncio.Event()
+    run = asyncio.create_task(agg.run(stop))
+    async with agg.config.broker.client(identifier=f"{agg.config.fleet}-watch0") as client:
+        await client.subscribe(topics.aggregator_status_topic(agg.config.fleet), qos=1)
+        async for _ in client.messages:
+            break
+    stop.set()
+    await run
+
+
 async def measure(consumer: str, broker: Any, fleet: str, model_name: str, count: int, inflight: int,
                   state_root: Path) -> dict[str, Any]:
     settings = BrokerSettings(host=broker.host, port=broker.port, protocol="5")
@@ -194,7 +303,7 @@ async def measure(consumer: str, broker: Any, fleet: str, model_name: str, count
     pub = await asyncio.to_thread(publisher.result, 60)
     end = out.get("ingested_at", finished)
     row: dict[str, Any] = {
-        "consumer": consumer, "model": model_name, "updates": count, "seconds": end - started,
+        "consumer": consumer, "mode": "live", "model": model_name, "updates": count, "seconds": end - started,
         "updates_per_s": count / (end - started), "mb_per_s": pub["bytes"] / (end - started) / 1e6,
         "consumer_cpu_s": cpu, "consumer_user_s": split[0], "consumer_sys_s": split[1],
         "consumer_minor_faults": split[2], "broker_cpu_s": broker_cpu, "publisher_cpu_s": pub["cpu_s"],
@@ -224,19 +333,21 @@ async def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
             arch = bench.model(model_name)
             bench.progress(f"case {model_name}:{count} ({arch.num_params():,} parameters, "
                            f"{arch.num_params() * 4 / 1e6:.1f} MB per update)")
-            base = None
-            for consumer in args.consumers.split(","):
-                for attempt in range(args.repeat):
-                    bench.progress(f"  {consumer} (run {attempt + 1}/{args.repeat}) ...")
-                    fleet = f"{FLEET_PREFIX}{len(rows)}"
-                    row = await measure(consumer, broker, fleet, model_name, int(count), args.inflight, state_root)
-                    row["run"] = attempt + 1
-                    if consumer == "bare":
-                        base = row if base is None or row["updates_per_s"] > base["updates_per_s"] else base
-                    rows.append(row)
-            for row in rows:
-                if row["model"] == model_name and base is not None:
-                    row["vs_bare"] = row["updates_per_s"] / base["updates_per_s"]
+            for mode in args.modes.split(","):
+                measure_one = {"live": measure, "backlog": measure_backlog}[mode]
+                base = None
+                for consumer in args.consumers.split(","):
+                    for attempt in range(args.repeat):
+                        bench.progress(f"  {mode}: {consumer} (run {attempt + 1}/{args.repeat}) ...")
+                        fleet = f"{FLEET_PREFIX}{len(rows)}"
+                        row = await measure_one(consumer, broker, fleet, model_name, int(count), args.inflight, state_root)
+                        row["run"] = attempt + 1
+                        if consumer == "bare":
+                            base = row if base is None or row["updates_per_s"] > base["updates_per_s"] else base
+                        rows.append(row)
+                for row in rows:
+                    if row["model"] == model_name and row["mode"] == mode and base is not None:
+                        row["vs_bare"] = row["updates_per_s"] / base["updates_per_s"]
     finally:
         broker.stop()
         broker.cleanup()
@@ -249,6 +360,8 @@ def main() -> None:
     parser.add_argument("--cases", default="1m:200,100k:2000", help="MODEL:UPDATES,... (default 1m:200,100k:2000)")
     parser.add_argument("--consumers", default=",".join(CONSUMERS),
                         help=f"comma-separated, bare first (default {','.join(CONSUMERS)})")
+    parser.add_argument("--modes", default="live,backlog",
+                        help="live (publish while consuming), backlog (drain a queued stream); default both")
     parser.add_argument("--repeat", type=int, default=1, help="runs per consumer (the ratio uses the best bare run)")
     parser.add_argument("--inflight", type=int, default=16, help="publishes awaiting their PUBACK at once (default 16)")
     parser.add_argument("--state-dir", default="/var/tmp", help="where the journals go (default /var/tmp, on disk)")
@@ -265,10 +378,10 @@ def main() -> None:
     info = bench.machine()
     print(bench.describe_machine(info))
     rows = asyncio.run(run_all(args))
-    print(f"{'case':12} {'consumer':15} {'updates/s':>9} {'MB/s':>7} {'vs bare':>7} {'lost':>4} "
+    print(f"{'case':12} {'mode':8} {'consumer':9} {'updates/s':>9} {'MB/s':>7} {'vs bare':>7} {'lost':>4} "
           f"{'cpu s':>6} {'of it sys':>9} {'broker cpu s':>12} {'peak MB':>8}")
     for row in rows:
-        print(f"{row['model'] + ':' + str(row['updates']):12} {row['consumer']:15} {row['updates_per_s']:9.1f} "
+        print(f"{row['model'] + ':' + str(row['updates']):12} {row['mode']:8} {row['consumer']:9} {row['updates_per_s']:9.1f} "
               f"{row['mb_per_s']:7.1f} {row.get('vs_bare', float('nan')):7.2f} {row['lost']:4d} "
               f"{row['consumer_cpu_s']:6.2f} {row['consumer_sys_s']:9.2f} {row['broker_cpu_s']:12.2f} "
               f"{row['consumer_peak_rss_mb']:8.0f}")

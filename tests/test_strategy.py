@@ -187,3 +187,11 @@ def test_small_models_never_import_numba_and_large_tensors_use_the_kernel() -> N
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "FEDMQ_FOLD": ""}).stdout.split()
     assert out == ["numpy", "False", "numba", "True", "1.0"]
+
+
+def test_once_compiled_the_kernel_folds_small_tensors_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert fold.kernel()[1] == "numba"
+    monkeypatch.setattr(fold, "fold_numpy", lambda *_: pytest.fail("numpy passes (a BLAS dot) with the kernel compiled"))
+    acc = np.zeros(10, np.float32)
+    assert fold.fold(acc, np.full(10, 2.0, np.float32), 0.5) == pytest.approx(40.0)
+    np.testing.assert_array_equal(acc, np.ones(10, np.float32))
