@@ -24,9 +24,12 @@ import logging
 import mmap
 import os
 import struct
+import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from fedmq.broker.errors import FedmqError
 
@@ -65,6 +68,7 @@ class UpdateJournal:
         self._group = False       # inside group_commit(): appends leave the fsync to the block's end
         self._unsynced = False
         self._direct: _DirectAppender | None = None
+        self._broken: str | None = None  # a deferred write failed: nothing more until reopened
         self.version = 0
 
     @property
@@ -78,6 +82,7 @@ class UpdateJournal:
     def open_round(self, version: int) -> list[tuple[str, bytes]]:
         """Start (or resume) the journal of ``version``'s round; return the records it already has."""
         self.close()
+        self._broken = None
         path = self.path(version)
         records, valid_end = self._scan(path) if path.exists() else ([], 0)
         self._file = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # read: the last partial block, for O_DIRECT
@@ -103,6 +108,8 @@ class UpdateJournal:
         """
         if self._file is None:
             raise JournalError("journal is not open")
+        if self._broken is not None:
+            raise JournalError(self._broken)
         name = device.encode()
         prefix = _DEVICE.pack(len(name)) + name
         # a chained crc32, and writev or one copy into the direct buffer: the payload (megabytes)
@@ -113,7 +120,12 @@ class UpdateJournal:
         try:
             if self._direct is not None:
                 try:
-                    self._direct.append((head, prefix, payload))
+                    # in a group, the disk write overlaps the caller's next update (the group's
+                    # sync waits for it); the first write of a file is waited for: a file system
+                    # that refuses O_DIRECT writes says so there, and falls back below
+                    self._direct.append((head, prefix, payload), deferred=self._group and self._direct.writes > 0)
+                except _DeferredWriteError:
+                    raise
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:
                         raise
@@ -127,11 +139,21 @@ class UpdateJournal:
                 self._unsynced = True
             elif self.fsync:
                 os.fsync(self._file)
+        except _DeferredWriteError as exc:
+            self._fail_deferred(exc)
         except OSError as exc:
             # leave no partial record behind: the next append must start on a record boundary
             os.ftruncate(self._file, position)
             os.lseek(self._file, position, os.SEEK_SET)
             raise JournalError(f"cannot write the journal {self.path(self.version)}: {exc}") from exc
+
+    def _fail_deferred(self, exc: _DeferredWriteError) -> NoReturn:
+        """An earlier record of this group is not on disk although it was appended: refuse every
+        later append and sync, so that none of the group is acknowledged (a restart replays what
+        reached the disk)."""
+        self._broken = (f"cannot write the journal {self.path(self.version)}: {exc.strerror or exc}; "
+                        "it takes no more updates until the aggregator restarts")
+        raise JournalError(self._broken) from exc
 
     def _write_buffered(self, head: bytes, prefix: bytes, payload: bytes, size: int) -> None:
         written = os.writev(self._file, [head, prefix, payload])  # type: ignore[arg-type]
@@ -142,11 +164,10 @@ class UpdateJournal:
         """Back to page-cache writes at the end of the records (the padding goes)."""
         if self._direct is None or self._file is None:
             return
-        end = self._direct.end
-        self._direct.close()
-        self._direct = None
-        os.ftruncate(self._file, end)
-        os.lseek(self._file, end, os.SEEK_SET)
+        direct, self._direct = self._direct, None
+        direct.close()  # raises if the write in flight failed: the file stays as it is, a restart trims it
+        os.ftruncate(self._file, direct.end)
+        os.lseek(self._file, direct.end, os.SEEK_SET)
 
     @contextmanager
     def group_commit(self) -> Iterator[None]:
@@ -168,6 +189,13 @@ class UpdateJournal:
 
     def sync(self) -> None:
         """fsync the appends not yet made durable (a no-op when there are none)."""
+        if self._broken is not None:
+            raise JournalError(self._broken)
+        if self._direct is not None:
+            try:
+                self._direct.wait()
+            except _DeferredWriteError as exc:
+                self._fail_deferred(exc)
         if self._file is None or not self._unsynced or not self.fsync:
             self._unsynced = False
             return
@@ -191,12 +219,22 @@ class UpdateJournal:
                 path.unlink(missing_ok=True)
 
     def close(self) -> None:
-        if self._file is not None:
+        """Make the appends durable and close; raises :class:`JournalError` (after closing) if
+        they cannot be."""
+        if self._file is None:
+            return
+        try:
             if self._direct is not None:
-                self._leave_direct()  # a closed journal ends at its last record
-                self._unsynced = True
+                try:
+                    self._leave_direct()  # a closed journal ends at its last record
+                    self._unsynced = True
+                except _DeferredWriteError as exc:
+                    self._broken = self._broken or f"cannot write the journal {self.path(self.version)}: {exc}"
+            if self._broken is not None:
+                raise JournalError(self._broken)
             if self._unsynced:
                 self.sync()
+        finally:
             os.close(self._file)
             self._file = None
 
@@ -235,22 +273,34 @@ def _all_zero(path: Path, start: int, end: int) -> bool:
         return f.read(end - start).count(0) == end - start
 
 
+class _DeferredWriteError(OSError):
+    """A write that :meth:`_DirectAppender.append` left running failed: its record was already
+    counted as appended."""
+
+
 class _DirectAppender:
     """Appends records to a journal file opened with ``O_DIRECT``.
 
-    Every write covers whole blocks from a page-aligned buffer that is reused (and grown to the
-    largest record): the partial block at the end of the records, then the new record, then
+    Every write covers whole blocks from a page-aligned buffer (two of them, reused and grown to
+    the largest record): the partial block at the end of the records, then the new record, then
     zeros to the block boundary. ``end`` is where the records end; the file may be longer by the
     padding. A failed write leaves ``end`` where it was, so the next write covers the same block
     again (the caller also truncates the file back to ``end``).
+
+    ``append(..., deferred=True)`` returns while the disk write runs in a writer thread, so that
+    the next update's checks and fold overlap it; one write is in flight at most, and
+    :meth:`wait` (which the next append and every sync call) raises :class:`_DeferredWriteError`
+    if it failed.
     """
 
     def __init__(self, fd: int, end: int, tail: bytes) -> None:
         self.fd = fd
         self.end = end
-        self._tail = len(tail)  # bytes of the last, partial block at the start of the buffer
-        self._buffer = mmap.mmap(-1, 1 << 20)  # anonymous maps are page aligned
-        self._buffer[:self._tail] = tail
+        self.writes = 0
+        self._tail = bytes(tail)  # the last, partial block of the records
+        self._buffers = [mmap.mmap(-1, 1 << 20), mmap.mmap(-1, 1 << 20)]  # anonymous maps are page aligned
+        self._next = 0  # the buffer the next record goes into; the other may be in flight
+        self._in_flight: Future[None] | None = None
 
     @classmethod
     def open(cls, path: Path, file: int, end: int) -> _DirectAppender | None:
@@ -262,30 +312,67 @@ class _DirectAppender:
         base = end - end % BLOCK
         return cls(fd, end, os.pread(file, end - base, base))
 
-    def append(self, parts: tuple[bytes, ...]) -> None:
-        size = self._tail + sum(len(p) for p in parts)
+    def append(self, parts: tuple[bytes, ...], *, deferred: bool = False) -> None:
+        tail = self._tail
+        size = len(tail) + sum(len(p) for p in parts)
         padded = -(-size // BLOCK) * BLOCK
-        if padded > len(self._buffer):
-            grown = mmap.mmap(-1, max(padded, 2 * len(self._buffer)))
-            grown[:self._tail] = self._buffer[:self._tail]
-            self._buffer.close()
-            self._buffer = grown
-        buffer = self._buffer
-        at = self._tail
+        buffer = self._buffers[self._next]
+        if padded > len(buffer):
+            grown = mmap.mmap(-1, max(padded, 2 * len(buffer)))
+            buffer.close()
+            buffer = self._buffers[self._next] = grown
+        buffer[:len(tail)] = tail
+        at = len(tail)
         for part in parts:
             buffer[at:at + len(part)] = part
             at += len(part)
         buffer[size:padded] = bytes(padded - size)
-        base = self.end - self._tail
+        self.wait()  # the write in flight (from the other buffer) must be on disk before this one
+        base = self.end - len(tail)
+        if deferred:
+            self._in_flight = _writer().submit(self._write, buffer, padded, base)
+        else:
+            self._write(buffer, padded, base)
+        self.end = base + size
+        self._tail = bytes(buffer[size - size % BLOCK:size])
+        self._next = 1 - self._next
+        self.writes += 1
+
+    def _write(self, buffer: mmap.mmap, padded: int, base: int) -> None:
         with memoryview(buffer) as view, view[:padded] as blocks:  # released even if the write raises
             written = os.pwrite(self.fd, blocks, base)
         if written != padded:
             raise OSError(f"short write ({written} of {padded} bytes)")
-        self.end = base + size
-        tail = size % BLOCK
-        buffer.move(0, size - tail, tail)  # the new partial block starts the next write
-        self._tail = tail
+
+    def wait(self) -> None:
+        """Wait for the write in flight; raise :class:`_DeferredWriteError` if it failed."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
+            return
+        try:
+            in_flight.result()
+        except OSError as exc:
+            raise _DeferredWriteError(exc.errno, f"an earlier record's write failed: {exc}") from exc
 
     def close(self) -> None:
-        self._buffer.close()
-        os.close(self.fd)
+        try:
+            self.wait()
+        finally:
+            for buffer in self._buffers:
+                buffer.close()
+            os.close(self.fd)
+
+
+_writer_pool: ThreadPoolExecutor | None = None
+
+
+def _writer() -> ThreadPoolExecutor:
+    """The one thread that runs deferred journal writes (created on first use)."""
+    global _writer_pool
+    with _writer_lock:
+        if _writer_pool is None:
+            _writer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmq-journal")
+        return _writer_pool
+
+
+_writer_lock = threading.Lock()

@@ -25,7 +25,9 @@ Two modes (``--modes``, both by default):
 
 updates/s counts from the publisher's start (``live``) or the first message taken (``backlog``)
 to the last update accepted (or received, for ``bare``); the ratio is against ``bare`` of the same
-case and mode. "cpu s" is the consumer's CPU time in
+case and mode. Each case also times the journal alone (``journal alone``: the same records in group
+commits of 16, on the same disk, no MQTT): the most updates/s any durable aggregator can accept
+on that disk. "cpu s" is the consumer's CPU time in
 that window, "of it sys" the kernel's share (page faults, socket and journal writes). The journal lives in ``--state-dir``
 (default: a temporary directory under /var/tmp, on disk; tmpfs would make fsync free).
 """
@@ -322,6 +324,35 @@ async def measure(consumer: str, broker: Any, fleet: str, model_name: str, count
     return row
 
 
+def journal_only(model_name: str, count: int, state_root: Path) -> dict[str, Any]:
+    """The journal's work alone, as the daemon does it: ``count`` records in group commits of
+    MAX_BATCH with one fsync each, on the same disk. An aggregator that writes every byte before
+    its receipt cannot drain a backlog faster than this."""
+    from fedmq.aggregator.daemon import MAX_BATCH
+    from fedmq.aggregator.journal import UpdateJournal
+
+    arch = bench.model(model_name)
+    payloads = [bench.update_payload(bench.device_name(i), f"j{i}", bench.delta_tensors(arch, i)) for i in range(4)]
+    directory = Path(tempfile.mkdtemp(prefix="journal-", dir=state_root))
+    journal = UpdateJournal(directory)
+    journal.open_round(1)
+    split0, started = bench.cpu_split(), time.perf_counter()
+    for first in range(0, count, MAX_BATCH):
+        with journal.group_commit():
+            for i in range(first, min(first + MAX_BATCH, count)):
+                journal.append(bench.device_name(i), payloads[i % 4])
+    seconds = time.perf_counter() - started
+    split = [b - a for a, b in zip(split0, bench.cpu_split(), strict=True)]
+    direct = journal.direct
+    journal.close()
+    shutil.rmtree(directory, ignore_errors=True)
+    nbytes = sum(len(payloads[i % 4]) for i in range(count))
+    return {"consumer": "journal", "mode": "alone", "model": model_name, "updates": count, "seconds": seconds,
+            "updates_per_s": count / seconds, "mb_per_s": nbytes / seconds / 1e6, "consumer_cpu_s": split[0] + split[1],
+            "consumer_user_s": split[0], "consumer_sys_s": split[1], "consumer_minor_faults": split[2],
+            "broker_cpu_s": 0.0, "consumer_peak_rss_mb": bench.peak_rss_mb(), "lost": 0, "o_direct": direct}
+
+
 async def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     bench.raise_nofile(4096)
     broker = bench.start_mosquitto()
@@ -333,6 +364,8 @@ async def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
             arch = bench.model(model_name)
             bench.progress(f"case {model_name}:{count} ({arch.num_params():,} parameters, "
                            f"{arch.num_params() * 4 / 1e6:.1f} MB per update)")
+            bench.progress("  the journal alone (group commits of 16, on the same disk) ...")
+            rows.append(journal_only(model_name, int(count), state_root))
             for mode in args.modes.split(","):
                 measure_one = {"live": measure, "backlog": measure_backlog}[mode]
                 base = None

@@ -16,6 +16,8 @@ own decoder unchanged. ``tests/test_zerocopy.py`` checks both decoders agree on 
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import struct
 import threading
 import weakref
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 LARGE = 64 * 1024
 
 _H = struct.Struct("!H")
+_SOCKETS = (socket.socket, ssl.SSLSocket)
 _clients: weakref.WeakSet[Any] = weakref.WeakSet()
 _lock = threading.Lock()
 _installed = False
@@ -102,6 +105,62 @@ def _install(parts: tuple[Any, ...]) -> None:
     _installed = True
 
 
+class _PayloadReader:
+    """Reads a large packet straight into one buffer of its final size.
+
+    paho reads a packet's body with ``recv(bytes still missing)`` (a fresh buffer of that size for
+    every chunk) and appends each chunk to a growing ``bytearray`` (which reallocates and copies as
+    it grows). Installed as the client's ``_sock_recv``, this takes over the body of a packet of
+    at least :data:`LARGE` bytes: ``recv_into`` fills a buffer allocated once, and when it is full,
+    it becomes paho's packet buffer, and paho appends the last byte as if it had read it alone.
+    """
+
+    def __init__(self, paho: Any) -> None:
+        self.paho = paho
+        self.recv = paho._sock_recv
+        self.buffer: bytearray | None = None
+        self.filled = 0
+        self.owner: Any = None  # paho's packet state the buffer belongs to (a new one per packet)
+
+    def __call__(self, bufsize: int) -> bytes:
+        paho = self.paho
+        packet = paho._in_packet
+        sock = paho._sock
+        if (bufsize < LARGE or not packet.get("have_remaining") or packet.get("to_process") != bufsize
+                or packet.get("packet") or type(sock) not in _SOCKETS):
+            return self.recv(bufsize)
+        if self.buffer is None or self.owner is not packet:  # (a reconnect starts a new packet state)
+            self.buffer, self.filled, self.owner = bytearray(bufsize), 0, packet
+        buffer = self.buffer
+        with memoryview(buffer) as view:
+            while self.filled < bufsize:
+                try:
+                    received = sock.recv_into(view[self.filled:])
+                except ssl.SSLWantReadError as exc:
+                    raise BlockingIOError from exc
+                except ssl.SSLWantWriteError as exc:
+                    paho._call_socket_register_write()
+                    raise BlockingIOError from exc
+                if received == 0:  # the connection closed: paho handles it
+                    self.buffer = None
+                    return b""
+                self.filled += received
+                with paho._msgtime_mutex:
+                    paho._last_bytes_received = _paho_time()
+        self.buffer = self.owner = None
+        last = bytes(buffer[-1:])
+        del buffer[-1:]  # keeps the allocation: paho's append of the last byte does not reallocate
+        packet["packet"] = buffer
+        packet["to_process"] = 1
+        return last
+
+
+def _paho_time() -> float:
+    from paho.mqtt.client import time_func  # the clock paho's keepalive compares with
+
+    return float(time_func())
+
+
 def zero_copy(client: aiomqtt.Client) -> bool:
     """Hand ``client``'s large payloads over without copies (as ``bytearray``); return whether
     this paho supports it (if not, nothing changes and the payloads are copied as before)."""
@@ -114,4 +173,5 @@ def zero_copy(client: aiomqtt.Client) -> bool:
         if not _installed:
             _install(parts)
         _clients.add(paho)
+    paho._sock_recv = _PayloadReader(paho)
     return True

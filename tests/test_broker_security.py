@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiomqtt
+import numpy as np
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -441,3 +442,19 @@ def test_render_config_refuses_unsafe_or_ambiguous_settings(tmp_path: Path) -> N
         render_acl(FLEET, aggregator="ops", operators=["ops"])
     with pytest.raises(ConfigError):
         render_acl(FLEET, aggregator=AGGREGATOR, operators=["all"])
+
+
+@pytest.mark.asyncio
+async def test_large_updates_reach_a_zero_copy_aggregator_over_tls(tls_broker: Broker) -> None:
+    """broker/zerocopy.py reads a large packet with recv_into; over TLS that is the SSL socket's."""
+    from fedmq.broker import zerocopy
+
+    body = np.random.default_rng(4).bytes(zerocopy.LARGE * 40 + 7)  # 2.6 MB: many TLS records
+    async with connect(tls_broker, AGGREGATOR) as aggregator, connect(tls_broker, "dev-a") as device:
+        assert zerocopy.zero_copy(aggregator)
+        await aggregator.subscribe(topics.update_topic(FLEET, "dev-a"), qos=1)
+        for _ in range(3):
+            await device.publish(topics.update_topic(FLEET, "dev-a"), body, qos=1)
+        async with asyncio.timeout(WAIT):
+            payloads = [(await anext(aggregator.messages)).payload for _ in range(3)]
+    assert all(isinstance(p, bytearray) and p == body for p in payloads)

@@ -300,3 +300,56 @@ def test_tmpfs_journal_writes_through_the_page_cache(tmp_path: Path) -> None:
         assert journal.direct == _o_direct_works(Path(directory))
         journal.close()
         assert UpdateJournal(Path(directory)).open_round(1) == [("a", b"payload")]
+
+
+def test_in_a_group_disk_writes_overlap_the_next_append(disk_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import threading
+
+    journal = UpdateJournal(disk_dir)
+    journal.open_round(1)
+    writers: list[str] = []
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda *a: (writers.append(threading.current_thread().name), real_pwrite(*a))[1])
+    with journal.group_commit():
+        for i in range(4):
+            journal.append(f"d{i}", bytes([i]) * 10_000)
+    journal.append("alone", b"x")
+    me = threading.current_thread().name
+    # the first write of a file is waited for (an O_DIRECT refusal shows there); outside a group too
+    assert writers[0] == me and writers[-1] == me
+    assert all(name.startswith("fedmq-journal") for name in writers[1:4])
+    journal.close()
+    assert UpdateJournal(disk_dir).open_round(1) == [(f"d{i}", bytes([i]) * 10_000) for i in range(4)] + [("alone", b"x")]
+
+
+def test_a_failed_deferred_write_refuses_the_rest_of_the_group(disk_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+    import threading
+
+    from fedmq.aggregator.journal import JournalError
+
+    journal = UpdateJournal(disk_dir)
+    journal.open_round(1)
+    real_pwrite = os.pwrite
+
+    def failing_in_the_writer(fd: int, data: memoryview, offset: int) -> int:
+        if threading.current_thread().name.startswith("fedmq-journal") and b"two" in bytes(data):
+            raise OSError(errno.EIO, "Input/output error")  # the blocks that hold d2's record
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", failing_in_the_writer)
+    with pytest.raises(JournalError, match="Input/output error.*no more updates"), journal.group_commit():
+        journal.append("d0", b"zero")
+        journal.append("d1", b"one")    # deferred
+        journal.append("d2", b"two")    # deferred: fails in the writer thread
+        with pytest.raises(JournalError, match="no more updates"):
+            journal.append("d3", b"three")  # waits for d2's write: the failure shows here
+        with pytest.raises(JournalError, match="no more updates"):
+            journal.append("d4", b"four")   # and the journal stays refused
+    # the group's sync raised too (pytest.raises above): no receipt for any of the group goes out
+    with pytest.raises(JournalError):
+        journal.close()
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    assert UpdateJournal(disk_dir).open_round(1) == [("d0", b"zero"), ("d1", b"one")], "a restart has what reached the disk"
