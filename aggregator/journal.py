@@ -19,6 +19,7 @@ page cache instead (the format is the same either way).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import mmap
@@ -220,19 +221,24 @@ class UpdateJournal:
 
     def close(self) -> None:
         """Make the appends durable and close; raises :class:`JournalError` (after closing) if
-        they cannot be."""
+        an fsync fails. A journal a failed write already broke (the caller was told) is closed as
+        it is: a restart trims what did not reach the disk."""
         if self._file is None:
             return
         try:
-            if self._direct is not None:
+            if self._direct is not None and self._broken is not None:
+                direct, self._direct = self._direct, None
+                with contextlib.suppress(OSError):  # the failure was reported already
+                    direct.close()
+            elif self._direct is not None:
                 try:
                     self._leave_direct()  # a closed journal ends at its last record
                     self._unsynced = True
-                except _DeferredWriteError as exc:
-                    self._broken = self._broken or f"cannot write the journal {self.path(self.version)}: {exc}"
+                except _DeferredWriteError as exc:  # (a group's sync has waited for it: not seen here)
+                    self._broken = f"cannot write the journal {self.path(self.version)}: {exc}"
             if self._broken is not None:
-                raise JournalError(self._broken)
-            if self._unsynced:
+                log.warning("closing the journal %s after a failed write: %s", self.path(self.version), self._broken)
+            elif self._unsynced:
                 self.sync()
         finally:
             os.close(self._file)
