@@ -355,3 +355,34 @@ def test_a_failed_deferred_write_refuses_the_rest_of_the_group(disk_dir: Path, m
     assert journal.path(1).stat().st_size == size
     monkeypatch.setattr(os, "pwrite", real_pwrite)
     assert UpdateJournal(disk_dir).open_round(1) == [("d0", b"zero"), ("d1", b"one")], "a restart has what reached the disk"
+
+
+def test_a_batch_whose_deferred_write_fails_gets_no_receipt_and_a_restart_replays_the_disk(
+        disk_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+    import threading
+
+    from fedmq.aggregator.journal import JournalError
+
+    agg = aggregator(disk_dir, target=10)
+    assert agg.journal.direct
+    batch = [(f"d{i}", update(f"d{i}", f"u{i}", value=0.1 * (i + 1))) for i in range(5)]
+    real_pwrite = os.pwrite
+
+    def failing(fd: int, data: memoryview, offset: int) -> int:
+        if threading.current_thread().name.startswith("fedmq-journal") and b"u2" in bytes(data):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", failing)
+    with pytest.raises(JournalError, match="no more updates"):
+        agg._ingest_batch(batch)  # raises instead of returning receipts: the daemon stops, sends none
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    agg.journal.close()
+    agg.registry.close()
+    restarted = aggregator(disk_dir, target=10)
+    assert restarted.round.count == 2, "d0 and d1 reached the disk; d2 never did, d3 and d4 were refused"
+    assert restarted.ingest("d2", batch[2][1]).status == "accepted", "d2 got no receipt: its re-send counts"
+    again = restarted.ingest("d0", batch[0][1])
+    assert (again.status, again.reason) == ("rejected", "duplicate")
