@@ -154,3 +154,75 @@ async def test_the_aggregator_ingests_paho_buffers(mqtt_broker: BrokerSettings, 
         mean = sum(weights[d] * decode_message(bodies[d], max_bytes=1 << 24, expect=UpdateMessage).tensors[name]
                    .astype(np.float64) for d in devices) / sum(weights.values())
         np.testing.assert_allclose(aggregator.model.params[name], start[name] + mean, rtol=0, atol=1e-6)
+
+
+# -- reading a large body with recv_into, on a real paho client over a socket pair ------------------
+
+def _publish_packet_bytes(topic: bytes, payload: bytes, mid: int) -> bytes:
+    body = bytes(publish_packet(topic, payload, qos=1, mid=mid, protocol=V5))
+    length, remaining = bytearray(), len(body)
+    while True:
+        remaining, digit = divmod(remaining, 128)
+        length.append(digit | (0x80 if remaining else 0))
+        if not remaining:
+            break
+    return bytes([0x32]) + bytes(length) + body
+
+
+class _Holder:
+    """What zero_copy() reads from an aiomqtt client: its paho client."""
+
+    def __init__(self, paho_client: object) -> None:
+        self._client = paho_client
+
+
+@pytest.fixture
+def paho_on_socketpair() -> tuple[object, object, list]:
+    import socket
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    ours, broker_side = socket.socketpair()
+    ours.setblocking(False)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    received: list = []
+    client.on_message = lambda _c, _u, message: received.append(message.payload)
+    client._sock = ours
+    assert zerocopy.zero_copy(_Holder(client))  # type: ignore[arg-type]
+    yield client, broker_side, received
+    ours.close()
+    broker_side.close()
+
+
+def test_a_body_that_arrives_in_pieces_is_read_into_one_buffer(paho_on_socketpair: tuple) -> None:
+    client, broker_side, received = paho_on_socketpair
+    payload = np.random.default_rng(2).bytes(zerocopy.LARGE * 4 + 11)
+    packet = _publish_packet_bytes(b"fedmq/f/update/d", payload, 9)
+    start = 0
+    for cut in (1, 3, 70_000, 200_000):  # the header byte, the length bytes, then the body in pieces
+        broker_side.sendall(packet[start:cut])
+        start = cut
+        client.loop_read()
+        assert received == [], "nothing is handed over before the whole packet is there"
+    broker_side.sendall(packet[200_000:])
+    client.loop_read()
+    assert len(received) == 1 and isinstance(received[0], bytearray) and received[0] == payload
+
+
+def test_a_reconnect_mid_body_starts_the_next_packet_afresh(paho_on_socketpair: tuple) -> None:
+    client, broker_side, received = paho_on_socketpair
+    first = _publish_packet_bytes(b"fedmq/f/update/d", b"\x01" * (zerocopy.LARGE * 2), 1)
+    second = _publish_packet_bytes(b"fedmq/f/update/d", b"\x02" * (zerocopy.LARGE * 3), 2)
+    broker_side.sendall(first[:zerocopy.LARGE])  # the connection dies here
+    client.loop_read()
+    while True:  # drain what the dead connection left in the socket
+        try:
+            client._sock.recv(1 << 20)
+        except BlockingIOError:
+            break
+    client._in_packet = {"command": 0, "have_remaining": 0, "remaining_count": [], "remaining_mult": 1,
+                         "remaining_length": 0, "packet": bytearray(b""), "to_process": 0, "pos": 0}  # as reconnect() does
+    broker_side.sendall(second)
+    client.loop_read()
+    assert received == [bytearray(b"\x02" * (zerocopy.LARGE * 3))], "no byte of the broken packet leaks into the next"
