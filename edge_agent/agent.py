@@ -625,9 +625,7 @@ class Agent:
             self._outbox_changed.clear()
             for entry in self.outbox.due():
                 await client.publish(topics.update_topic(self.config.fleet, self.device), entry.payload, qos=1)
-                entry.attempts += 1
-                # back off between re-sends of the same update: the receipt may only be late
-                entry.next_attempt = time.monotonic() + self.config.resend_after_s * min(2 ** (entry.attempts - 1), 32)
+                self.outbox.sent(entry, self.config.resend_after_s)  # backs off between re-sends
                 self.counters["updates_sent"] += 1
                 self.counters["bytes_sent"] += len(entry.payload)
             self.update_metrics()

@@ -88,7 +88,20 @@ class Outbox:
     def entries(self) -> list[OutboxEntry]:
         return list(self._entries.values())
 
+    #: The longest wait between two re-sends of one update, in units of ``resend_after_s``.
+    MAX_BACKOFF = 32
+
+    def sent(self, entry: OutboxEntry, resend_after_s: float, now: float | None = None) -> None:
+        """``entry`` was just published: re-send it after ``resend_after_s``, doubling with each
+        re-send (the receipt may only be late), up to :attr:`MAX_BACKOFF` times that."""
+        now = time.monotonic() if now is None else now
+        entry.attempts += 1
+        entry.next_attempt = now + resend_after_s * min(2 ** (entry.attempts - 1), self.MAX_BACKOFF)
+
     def reset_schedule(self) -> None:
-        """Make every entry due now (after a reconnect: the broker may have lost in-flight messages)."""
+        """Make every entry due now, its back-off started afresh (after a reconnect: the broker may
+        have lost in-flight messages, or restarted before the aggregator subscribed again; the
+        sends of a reconnect storm must not push the next re-send half a minute away)."""
         for entry in self._entries.values():
             entry.next_attempt = 0.0
+            entry.attempts = 0

@@ -128,3 +128,25 @@ def test_outbox_discards_corrupt_files(tmp_path: Path) -> None:
     (box / "bad.fmq").write_bytes(b"half a write")
     assert len(Outbox(box)) == 0
     assert not (box / "bad.fmq").exists()
+
+
+def test_outbox_backs_off_between_resends_and_starts_afresh_after_a_reconnect(tmp_path: Path) -> None:
+    """Found by the soak test: a broker restarted without persistence several times in a row made
+    each reconnect's re-send count as a retry, so the update's next re-send (after the aggregator
+    had subscribed again) was 32 s away and the round stalled."""
+    agent = make_agent(tmp_path)
+    update, payload = agent.train_once(agent.install(model(1)))
+    box = Outbox(tmp_path / "box")
+    entry = box.put(update, payload)
+    assert box.due(now=0.0) == [entry]
+    waits = []
+    for _ in range(7):  # no receipt comes: re-send after 1, 2, 4, ... resend_after_s, capped at 32
+        box.sent(entry, 0.5, now=100.0)
+        waits.append(entry.next_attempt - 100.0)
+    assert waits == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 16.0]
+    assert box.due(now=115.9) == [] and box.due(now=116.0) == [entry]
+    for _ in range(4):  # a reconnect storm: each new connection re-sends at once
+        box.reset_schedule()
+        assert box.due(now=200.0) == [entry]
+        box.sent(entry, 0.5, now=200.0)
+    assert entry.next_attempt == 200.5, "after a reconnect the back-off starts again from resend_after_s"
