@@ -326,6 +326,10 @@ class Aggregator:
                     await asyncio.wait(self._receipts, timeout=RECEIPT_TIMEOUT_S)
             finally:
                 await cancel_tasks(list(self._receipts))
+                unanswered = sum(1 for t in self._receipts if not t.cancelled() and t.exception() is not None)
+                if unanswered:  # (reading the exceptions also keeps asyncio from logging each at exit)
+                    log.warning("%d receipt(s) got no PUBACK before the connection ended; their devices "
+                                "re-send and are answered 'duplicate'", unanswered)
                 self._receipts.clear()
         raise_first_failure(tasks)
         # graceful stop: say so before the connection closes (the Will covers crashes only)

@@ -103,3 +103,60 @@ async def test_a_burst_is_batched_without_losing_or_reordering_receipts(mqtt_bro
         mean = sum(weights[r.device] * decode_message(by_device[r.device], max_bytes=1 << 24, expect=UpdateMessage)
                    .tensors[name].astype(np.float64) for r in accepted) / sum(weights.values())
         np.testing.assert_allclose(aggregator.model.params[name], start[name] + mean, rtol=0, atol=1e-6)
+
+
+@pytest.mark.asyncio
+async def test_receipts_that_get_no_puback_end_the_session_with_one_warning(require_mosquitto: str, fleet: str,
+                                                                          tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The broker stops answering just as the receipts go out (SIGSTOP): they time out, the session
+    ends and reconnects, and the aggregator says so once, instead of asyncio logging every
+    unanswered receipt as "Task exception was never retrieved" (seen in the soak logs)."""
+    import gc
+    import os
+    import signal
+
+    import aiomqtt
+
+    from fedmq.broker.local import MosquittoProcess
+
+    caplog.set_level(logging.WARNING)
+    with MosquittoProcess(workdir=tmp_path / "broker") as broker:
+        settings = BrokerSettings(host=broker.host, port=broker.port, protocol="5")
+        config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "agg", broker=settings, client_id=f"{fleet}-agg",
+                                  arch=ARCH, seed=3, policy=RoundPolicy(min_updates=10, target_updates=10))
+        aggregator = Aggregator(config)
+        publish = aiomqtt.Client.publish
+        frozen = asyncio.Event()
+
+        async def freeze_at_first_receipt(client: aiomqtt.Client, topic: str, *args: object, **kwargs: object) -> None:
+            if "/receipt/" in str(topic) and not frozen.is_set():
+                os.kill(broker.pid, signal.SIGSTOP)
+                frozen.set()
+            await publish(client, topic, *args, **kwargs)
+
+        stop = asyncio.Event()
+        run = asyncio.create_task(aggregator.run(stop))
+        try:
+            async with settings.client(identifier=f"{fleet}-dev") as device:
+                await device.subscribe(topics.aggregator_status_topic(fleet), qos=1)
+                async with asyncio.timeout(30):
+                    async for message in device.messages:
+                        if decode_message(bytes(message.payload), max_bytes=1 << 16, expect=AggregatorStatus).state == "online":
+                            break
+                aiomqtt.Client.publish = freeze_at_first_receipt  # type: ignore[method-assign]
+                await asyncio.gather(*(device.publish(topics.update_topic(fleet, f"dev{i}"), payload(f"dev{i}", i), qos=1)
+                                       for i in range(3)))
+                await asyncio.wait_for(frozen.wait(), timeout=30)
+            await asyncio.sleep(4.5)  # RECEIPT_TIMEOUT_S (3 s) passes without a PUBACK
+        finally:
+            aiomqtt.Client.publish = publish  # type: ignore[method-assign]
+            if broker.pid is not None:
+                os.kill(broker.pid, signal.SIGCONT)
+            stop.set()
+            await asyncio.wait_for(run, timeout=30)
+        gc.collect()
+    warnings = [r.getMessage() for r in caplog.records if "got no PUBACK" in r.getMessage()]
+    assert warnings and re.match(r"\d+ receipt\(s\) got no PUBACK", warnings[0])
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert aggregator.counters["accepted"] >= 1, "the updates were journaled before the receipts went out"
