@@ -84,6 +84,20 @@ def fleet() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 
 
+async def aggregator_online(broker: BrokerSettings, fleet: str, within: float = 30.0) -> None:
+    """Wait until the fleet's aggregator says it is online (it has subscribed to the updates)."""
+    import asyncio
+
+    from fedmq.broker import topics
+    from fedmq.broker.messages import AggregatorStatus, decode_message
+
+    async with broker.client(identifier=f"{fleet}-probe") as probe, asyncio.timeout(within):
+        await probe.subscribe(topics.aggregator_status_topic(fleet), qos=1)
+        async for message in probe.messages:
+            if decode_message(bytes(message.payload), max_bytes=1 << 16, expect=AggregatorStatus).state == "online":
+                return
+
+
 def shard_agents(fleet: str, shards: list, x: object, y: object, directory: object, broker: BrokerSettings,
                  **config: object) -> list:
     """One in-process agent per data shard, each with its own .npz file and state directory."""

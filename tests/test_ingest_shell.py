@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import aggregator_online
 
 from fedmq.aggregator.config import AggregatorConfig
 from fedmq.aggregator.daemon import Aggregator
@@ -138,12 +139,8 @@ async def test_receipts_that_get_no_puback_end_the_session_with_one_warning(requ
         stop = asyncio.Event()
         run = asyncio.create_task(aggregator.run(stop))
         try:
+            await aggregator_online(settings, fleet)
             async with settings.client(identifier=f"{fleet}-dev") as device:
-                await device.subscribe(topics.aggregator_status_topic(fleet), qos=1)
-                async with asyncio.timeout(30):
-                    async for message in device.messages:
-                        if decode_message(bytes(message.payload), max_bytes=1 << 16, expect=AggregatorStatus).state == "online":
-                            break
                 aiomqtt.Client.publish = freeze_at_first_receipt  # type: ignore[method-assign]
                 await asyncio.gather(*(device.publish(topics.update_topic(fleet, f"dev{i}"), payload(f"dev{i}", i), qos=1)
                                        for i in range(3)))

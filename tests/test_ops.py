@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shard_agents
+from conftest import aggregator_online, shard_agents
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -31,7 +31,6 @@ from fedmq.broker import topics
 from fedmq.broker.architecture import MLPArchitecture
 from fedmq.broker.errors import Reason, RejectedMessage
 from fedmq.broker.messages import (
-    AggregatorStatus,
     ModelMessage,
     OpsRequest,
     OpsResponse,
@@ -73,14 +72,6 @@ async def running(*daemons: object, probe: BrokerSettings | None = None):  # typ
         await asyncio.wait(tasks, timeout=WAIT)
     for task in tasks:
         assert task.done() and task.exception() is None, task
-
-
-async def aggregator_online(broker: BrokerSettings, fleet: str) -> None:
-    async with broker.client(identifier=f"{fleet}-probe") as probe, asyncio.timeout(WAIT):
-        await probe.subscribe(topics.aggregator_status_topic(fleet), qos=1)
-        async for message in probe.messages:
-            if decode_message(bytes(message.payload), max_bytes=1 << 16, expect=AggregatorStatus).state == "online":  # type: ignore[arg-type]
-                return
 
 
 async def until(condition: Callable[[], bool], within: float = WAIT, what: str = "condition") -> None:

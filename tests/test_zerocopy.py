@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import aggregator_online
 from paho.mqtt import _packet
 from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.exception import MalformedPacket
@@ -23,7 +24,7 @@ from fedmq.aggregator.journal import UpdateJournal
 from fedmq.aggregator.rounds import RoundPolicy
 from fedmq.broker import topics, zerocopy
 from fedmq.broker.architecture import MLPArchitecture
-from fedmq.broker.messages import AggregatorStatus, UpdateMessage, decode_message
+from fedmq.broker.messages import UpdateMessage, decode_message
 from fedmq.broker.settings import BrokerSettings
 
 V5, V311 = MQTTProtocolVersion.MQTTv5, MQTTProtocolVersion.MQTTv311
@@ -135,12 +136,8 @@ async def test_the_aggregator_ingests_paho_buffers(mqtt_broker: BrokerSettings, 
     ingest = aggregator.ingest
     aggregator.ingest = lambda device, payload: (payload_types.append(type(payload)), ingest(device, payload))[1]  # type: ignore[method-assign]
     run = asyncio.create_task(aggregator.run(asyncio.Event()))
+    await aggregator_online(mqtt_broker, fleet)
     async with mqtt_broker.client(identifier=f"{fleet}-devices") as client:
-        await client.subscribe(topics.aggregator_status_topic(fleet), qos=1)
-        async with asyncio.timeout(30):
-            async for message in client.messages:
-                if decode_message(bytes(message.payload), max_bytes=1 << 16, expect=AggregatorStatus).state == "online":
-                    break
         for device, body in bodies.items():
             await client.publish(topics.update_topic(fleet, device), body, qos=1)
         await asyncio.wait_for(run, timeout=30)  # max_rounds=1: returns once v2 is out
