@@ -90,11 +90,11 @@ class UpdateJournal:
         self.close()
         self._broken = None
         path = self.path(version)
-        records, valid_end = self._scan(path) if path.exists() else ([], 0)
+        records, valid_end, padding_only = self._scan(path) if path.exists() else ([], 0, True)
         self._file = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # read: the last partial block, for O_DIRECT
         size = os.fstat(self._file).st_size
         if size != valid_end:
-            if _all_zero(path, valid_end, size):
+            if padding_only:
                 log.debug("journal %s: trimming %d bytes of block padding", path, size - valid_end)
             else:
                 log.warning("journal %s: dropping %d bytes of a record cut short by a crash", path, size - valid_end)
@@ -257,8 +257,9 @@ class UpdateJournal:
             os.close(fd)
 
     @staticmethod
-    def _scan(path: Path) -> tuple[list[tuple[str, bytes]], int]:
-        """The whole records of ``path`` and the offset where they end."""
+    def _scan(path: Path) -> tuple[list[tuple[str, bytes]], int, bool]:
+        """The whole records of ``path``, the offset where they end, and whether what follows is
+        only zeros (O_DIRECT block padding, not a torn record)."""
         data = path.read_bytes()
         records: list[tuple[str, bytes]] = []
         offset = 0
@@ -275,13 +276,7 @@ class UpdateJournal:
             device = body[_DEVICE.size:_DEVICE.size + name_len].decode(errors="replace")
             records.append((device, bytes(body[_DEVICE.size + name_len:])))
             offset = end
-        return records, offset
-
-
-def _all_zero(path: Path, start: int, end: int) -> bool:
-    with path.open("rb") as f:
-        f.seek(start)
-        return f.read(end - start).count(0) == end - start
+        return records, offset, data.count(0, offset) == len(data) - offset
 
 
 class _DeferredWriteError(OSError):
@@ -382,6 +377,7 @@ class _DirectAppender:
 
 
 _writer_pool: ThreadPoolExecutor | None = None
+_writer_lock = threading.Lock()
 
 
 def _writer() -> ThreadPoolExecutor:
@@ -391,6 +387,3 @@ def _writer() -> ThreadPoolExecutor:
         if _writer_pool is None:
             _writer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmq-journal")
         return _writer_pool
-
-
-_writer_lock = threading.Lock()

@@ -15,6 +15,7 @@ own decoder unchanged. ``tests/test_zerocopy.py`` checks both decoders agree on 
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import ssl
@@ -38,6 +39,7 @@ _lock = threading.Lock()
 _installed = False
 
 
+@functools.cache  # called for every large packet: look the modules up once
 def _paho_parts() -> tuple[Any, Any, Any, Any, Any] | None:
     try:
         from paho.mqtt import _packet
@@ -156,9 +158,14 @@ class _PayloadReader:
 
 
 def _paho_time() -> float:
+    return float(_paho_clock()())
+
+
+@functools.cache
+def _paho_clock() -> Any:
     from paho.mqtt.client import time_func  # the clock paho's keepalive compares with
 
-    return float(time_func())
+    return time_func
 
 
 def zero_copy(client: aiomqtt.Client) -> bool:
