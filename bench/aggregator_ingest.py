@@ -225,8 +225,8 @@ async def measure_backlog(consumer: str, broker: Any, fleet: str, model_name: st
     bench.reset_peak_rss()
     agg = None
     first = FIRST.arm()
+    received = nbytes = 0
     if consumer == "bare":
-        received = nbytes = 0
         async with settings.client(identifier=client_id, persistent_session=True) as client:
             async for message in client.messages:
                 received += 1
@@ -244,23 +244,10 @@ async def measure_backlog(consumer: str, broker: Any, fleet: str, model_name: st
         end = getattr(agg, "ingested_at", time.time())
         await asyncio.wait_for(run, timeout=120)
     split = [b - a for a, b in zip(first["split"], bench.cpu_split(), strict=True)]
-    seconds = end - first["at"]
-    row: dict[str, Any] = {
-        "consumer": consumer, "mode": "backlog", "model": model_name, "updates": count, "seconds": seconds,
-        "updates_per_s": count / seconds, "mb_per_s": pub["bytes"] / seconds / 1e6,
-        "consumer_cpu_s": split[0] + split[1], "consumer_user_s": split[0], "consumer_sys_s": split[1],
-        "consumer_minor_faults": split[2], "broker_cpu_s": bench.cpu_seconds(broker.pid) - broker_cpu0,
-        "publisher_cpu_s": pub["cpu_s"], "publisher_seconds": pub["end"] - pub["start"],
-        "consumer_peak_rss_mb": bench.peak_rss_mb(),
-    }
+    row = consumer_row(consumer, "backlog", model_name, count, end - first["at"], pub, split,
+                       bench.cpu_seconds(broker.pid) - broker_cpu0, agg, received)
     if agg is None:
-        row["received"], row["bytes"] = received, nbytes
-        row["lost"] = count - received
-    else:
-        row["accepted"] = agg.counters["accepted"]
-        row["rejected"] = agg.counters["rejected"]
-        row["lost"] = count - agg.counters["accepted"]
-        row["rounds_closed"] = agg.model.version - 1
+        row["bytes"] = nbytes
     shutil.rmtree(state_dir, ignore_errors=True)
     return row
 
@@ -291,8 +278,7 @@ async def measure(consumer: str, broker: Any, fleet: str, model_name: str, count
         task = asyncio.create_task(daemon_consumer(agg, count, ready))
     await asyncio.wait_for(ready.wait(), timeout=60)
     bench.reset_peak_rss()
-    cpu0, broker_cpu0 = bench.cpu_seconds(), bench.cpu_seconds(broker.pid)
-    split0 = bench.cpu_split()
+    broker_cpu0, split0 = bench.cpu_seconds(broker.pid), bench.cpu_split()
     started = publisher.go()
     try:
         out = await asyncio.wait_for(task, timeout=max(120, count * 0.5))
@@ -300,27 +286,35 @@ async def measure(consumer: str, broker: Any, fleet: str, model_name: str, count
         if not task.done():
             task.cancel()
     finished = time.time()
-    cpu, broker_cpu = bench.cpu_seconds() - cpu0, bench.cpu_seconds(broker.pid) - broker_cpu0
+    broker_cpu = bench.cpu_seconds(broker.pid) - broker_cpu0
     split = [b - a for a, b in zip(split0, bench.cpu_split(), strict=True)]
     pub = await asyncio.to_thread(publisher.result, 60)
-    end = out.get("ingested_at", finished)
+    row = consumer_row(consumer, "live", model_name, count, out.get("ingested_at", finished) - started, pub, split,
+                       broker_cpu, agg, out.get("received", 0))
+    if agg is not None:
+        row["total_seconds_with_round_close"] = finished - started
+        shutil.rmtree(agg.config.state_dir, ignore_errors=True)
+    return row
+
+
+def consumer_row(consumer: str, mode: str, model_name: str, count: int, seconds: float, pub: dict[str, Any],
+                 split: list[float], broker_cpu: float, agg: Aggregator | None, received: int) -> dict[str, Any]:
+    """One measurement's figures; ``split`` is the consumer's (user s, sys s, minor faults) over it."""
     row: dict[str, Any] = {
-        "consumer": consumer, "mode": "live", "model": model_name, "updates": count, "seconds": end - started,
-        "updates_per_s": count / (end - started), "mb_per_s": pub["bytes"] / (end - started) / 1e6,
-        "consumer_cpu_s": cpu, "consumer_user_s": split[0], "consumer_sys_s": split[1],
+        "consumer": consumer, "mode": mode, "model": model_name, "updates": count, "seconds": seconds,
+        "updates_per_s": count / seconds, "mb_per_s": pub["bytes"] / seconds / 1e6,
+        "consumer_cpu_s": split[0] + split[1], "consumer_user_s": split[0], "consumer_sys_s": split[1],
         "consumer_minor_faults": split[2], "broker_cpu_s": broker_cpu, "publisher_cpu_s": pub["cpu_s"],
         "publisher_seconds": pub["end"] - pub["start"], "consumer_peak_rss_mb": bench.peak_rss_mb(),
     }
     if agg is None:
-        row["received"] = out["received"]
-        row["lost"] = count - out["received"]
+        row["received"] = received
+        row["lost"] = count - received
     else:
         row["accepted"] = agg.counters["accepted"]
         row["rejected"] = agg.counters["rejected"]
         row["lost"] = count - agg.counters["accepted"]
         row["rounds_closed"] = agg.model.version - 1
-        row["total_seconds_with_round_close"] = finished - started
-        shutil.rmtree(agg.config.state_dir, ignore_errors=True)
     return row
 
 
