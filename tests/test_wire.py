@@ -332,6 +332,47 @@ def test_duplicate_tensor_name() -> None:
     assert "twice" in rejected(payload, Reason.TENSORS).detail
 
 
+def test_duplicate_tensor_name_is_refused_every_time() -> None:
+    payload = build({"tensors": [desc("w", "uint8", [1]), desc("w", "uint8", [1])]}, b"\x01\x02")
+    for _ in range(3):  # a refused descriptor list is never remembered as checked
+        assert "twice" in rejected(payload, Reason.TENSORS).detail
+
+
+# -- checked descriptor lists are remembered by their bytes, not by Python equality -----------------
+
+
+@pytest.mark.parametrize("good, bad", [([2], [2.0]), ([1], [True]), ([3, 1], [3, True])])
+def test_a_list_equal_in_python_but_not_on_the_wire_is_checked_on_its_own(good: list, bad: list) -> None:
+    assert good == bad  # what a cache keyed on Python equality would confuse
+    count = int(np.prod(good))
+    frame = decode_frame(build({"tensors": [desc("w", "uint8", good)]}, b"\x01" * count), max_bytes=BIG)
+    assert frame.tensors["w"].shape == tuple(good)
+    rejected(build({"tensors": [desc("w", "uint8", bad)]}, b"\x01" * count), Reason.SHAPE)
+
+
+def test_a_remembered_list_still_checks_each_payload_size() -> None:
+    header = {"tensors": [desc("a", "float32", [2]), desc("b", "uint8", [3])]}
+    body = struct.pack("<2f", 1.5, -2.0) + b"\x07\x08\x09"
+    frame = decode_frame(build(header, body), max_bytes=BIG)  # remembered from here on
+    assert frame.tensors["a"].tolist() == [1.5, -2.0] and frame.tensors["b"].tolist() == [7, 8, 9]
+    truncated = rejected(build(header, body[:-1]), Reason.MALFORMED).detail
+    assert "tensor 'b' needs 3 bytes" in truncated, truncated
+    assert "tensor 'a' needs 8 bytes" in rejected(build(header, body[:5]), Reason.MALFORMED).detail
+    assert "2 unexpected" in rejected(build(header, body + b"\0\0"), Reason.MALFORMED).detail
+    again = decode_frame(bytearray(build(header, body)), max_bytes=BIG)
+    assert again.tensors["b"].tolist() == [7, 8, 9] and not again.tensors["b"].flags.writeable
+
+
+def test_remembered_lists_are_bounded() -> None:
+    from fedmq.broker import wire
+
+    for i in range(3 * wire._MAX_LAYOUTS):
+        name = f"t{i}"
+        frame = decode_frame(build({"tensors": [desc(name, "uint8", [1])]}, bytes([i % 256])), max_bytes=BIG)
+        assert frame.tensors[name].tolist() == [i % 256]
+        assert len(wire._LAYOUTS) <= wire._MAX_LAYOUTS
+
+
 @pytest.mark.parametrize("dtype", ["float128", "bool", "complex64", "uint64", "<f4", "f4", "FLOAT32", "", 5, None])
 def test_unknown_dtype(dtype) -> None:
     rejected(build({"tensors": [desc("w", dtype, [1])]}, b"\0" * 16), Reason.DTYPE)
