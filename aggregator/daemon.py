@@ -37,6 +37,7 @@ from .intake import check_update, decode_update
 from .journal import JournalError, UpdateJournal
 from .metrics import AggregatorMetrics
 from .ops import OpsService
+from .receipts import ReceiptSender
 from .registry import ModelRegistry, RegistryError, VersionRecord
 from .robust import make_accumulator
 from .rollout import Canary, Decision
@@ -104,7 +105,6 @@ class Aggregator:
             self._resume_canary(self._stored_canary)
         self.ops = OpsService(self)
         self._ops_tasks: set[asyncio.Task[None]] = set()
-        self._receipts: set[asyncio.Task[None]] = set()  # receipts sent, waiting for their PUBACK
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -308,10 +308,9 @@ class Aggregator:
             self._stop.set()
             await client.publish(topics.aggregator_status_topic(fleet), self.status("offline").encode(), qos=1, retain=True)
             return
-        # receipts are not awaited one by one: say so to aiomqtt, which warns above 10 pending calls
-        client.pending_calls_threshold = MAX_RECEIPTS_IN_FLIGHT + 16
+        receipts = ReceiptSender(client, limit=MAX_RECEIPTS_IN_FLIGHT, timeout=RECEIPT_TIMEOUT_S)
         tasks = [
-            asyncio.create_task(self._consume(client), name="consume"),
+            asyncio.create_task(self._consume(client, receipts), name="consume"),
             asyncio.create_task(self._watch_deadline(client), name="deadline"),
             asyncio.create_task(self._stop.wait(), name="stop"),
         ]
@@ -319,18 +318,16 @@ class Aggregator:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             await cancel_tasks([*tasks, *self._ops_tasks])
+            # a graceful stop gives the receipts already sent their PUBACK wait (else a device
+            # never hears that its last update counted, and sends it again); a failure does not
+            graceful = not any(t.done() and not t.cancelled() and t.exception() for t in tasks)
             try:
-                if self._receipts and not any(t.done() and not t.cancelled() and t.exception() for t in tasks):
-                    # a graceful stop: the receipts already sent get their PUBACK wait (else a
-                    # device never hears that its last update counted, and sends it again)
-                    await asyncio.wait(self._receipts, timeout=RECEIPT_TIMEOUT_S)
+                unanswered = await receipts.settle(RECEIPT_TIMEOUT_S if graceful else 0.0)
             finally:
-                await cancel_tasks(list(self._receipts))
-                unanswered = sum(1 for t in self._receipts if not t.cancelled() and t.exception() is not None)
-                if unanswered:  # (reading the exceptions also keeps asyncio from logging each at exit)
-                    log.warning("%d receipt(s) got no PUBACK before the connection ended; their devices "
-                                "re-send and are answered 'duplicate'", unanswered)
-                self._receipts.clear()
+                receipts.close()
+            if unanswered:
+                log.warning("%d receipt(s) got no PUBACK before the connection ended; their devices "
+                            "re-send and are answered 'duplicate'", unanswered)
         raise_first_failure(tasks)
         # graceful stop: say so before the connection closes (the Will covers crashes only)
         async with self._lock:
@@ -343,24 +340,17 @@ class Aggregator:
         self._status_counters = self.counters.copy()
         await client.publish(topics.aggregator_status_topic(self.config.fleet), self.status().encode(), qos=1, retain=True)
 
-    async def _consume(self, client: aiomqtt.Client) -> None:
+    async def _consume(self, client: aiomqtt.Client, receipts: ReceiptSender) -> None:
         """Ingest updates in batches, in a worker thread, with one journal fsync per batch.
 
         A batch is the updates already received (at most MAX_BATCH or MAX_BATCH_BYTES). The event
         loop goes on reading the socket while the batch is checked, journaled and folded (the fold
-        kernel, the CRC and the disk release the GIL). Receipts go out once their batch is durable; they are
-        not waited for one by one: at most MAX_RECEIPTS_IN_FLIGHT wait for their PUBACK, and one
-        that times out (a dead broker) ends the session as before.
+        kernel, the CRC and the disk release the GIL). Receipts go out once their batch is durable;
+        they are not waited for one by one: at most MAX_RECEIPTS_IN_FLIGHT wait for their PUBACK,
+        and one that waits RECEIPT_TIMEOUT_S (a dead broker) ends the session.
         """
         messages = client.messages
         pending: list[Incoming] = []
-        in_flight = self._receipts  # the session waits for the last ones when it ends
-
-        def check_receipts() -> None:
-            for task in [t for t in in_flight if t.done()]:
-                in_flight.discard(task)
-                task.result()  # the MqttError of a receipt that timed out ends the session
-
         while True:
             if not pending:
                 self._take(client, await anext(messages), pending)
@@ -370,24 +360,16 @@ class Aggregator:
                 continue
             async with self._lock:
                 batch = pending
-                receipts, pending = await self._ingest_in_thread(batch)
+                batch_receipts, pending = await self._ingest_in_thread(batch)
                 log.debug("ingested a batch of %d update(s), %d left for the next round, %d queued", len(batch) - len(pending), len(pending), len(messages))
-                for receipt in receipts:
-                    # the short PUBACK timeout still holds: a dead broker must end the session
-                    # now (the update is journaled; the device re-sends)
+                for receipt in batch_receipts:
+                    # queued in paho in this order, before anything published later: the receipts
+                    # of a round-closing batch reach the devices before the next model does (a
+                    # device drops what it still holds for an older version)
                     encoded = receipt.encode()
-                    in_flight.add(asyncio.create_task(client.publish(
-                        topics.receipt_topic(self.config.fleet, receipt.device), encoded, qos=1,
-                        timeout=RECEIPT_TIMEOUT_S)))
+                    receipts.send(topics.receipt_topic(self.config.fleet, receipt.device), encoded)
                     self.counters["bytes_out"] += len(encoded)
-                # let every receipt task hand its PUBLISH to paho now: the receipts of a
-                # round-closing batch must reach the devices before the next model does
-                # (a device drops what it still holds for an older version)
-                await asyncio.sleep(0)
-                check_receipts()
-                while len(in_flight) > MAX_RECEIPTS_IN_FLIGHT:
-                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                    check_receipts()
+                await receipts.room()  # raises once a receipt waited RECEIPT_TIMEOUT_S: the broker is gone
                 if self.canary is None and self.round.ready(time.time()):
                     await self._close_round(client)
 

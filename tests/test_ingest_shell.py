@@ -117,7 +117,7 @@ async def test_receipts_that_get_no_puback_end_the_session_with_one_warning(requ
     import os
     import signal
 
-    import aiomqtt
+    import paho.mqtt.client as paho
 
     from fedmq.broker.local import MosquittoProcess
 
@@ -127,27 +127,27 @@ async def test_receipts_that_get_no_puback_end_the_session_with_one_warning(requ
         config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "agg", broker=settings, client_id=f"{fleet}-agg",
                                   arch=ARCH, seed=3, policy=RoundPolicy(min_updates=10, target_updates=10))
         aggregator = Aggregator(config)
-        publish = aiomqtt.Client.publish
+        publish = paho.Client.publish  # receipts go through paho directly (aggregator/receipts.py)
         frozen = asyncio.Event()
 
-        async def freeze_at_first_receipt(client: aiomqtt.Client, topic: str, *args: object, **kwargs: object) -> None:
+        def freeze_at_first_receipt(client: paho.Client, topic: str, *args: object, **kwargs: object) -> paho.MQTTMessageInfo:
             if "/receipt/" in str(topic) and not frozen.is_set():
                 os.kill(broker.pid, signal.SIGSTOP)
                 frozen.set()
-            await publish(client, topic, *args, **kwargs)
+            return publish(client, topic, *args, **kwargs)
 
         stop = asyncio.Event()
         run = asyncio.create_task(aggregator.run(stop))
         try:
             await aggregator_online(settings, fleet)
             async with settings.client(identifier=f"{fleet}-dev") as device:
-                aiomqtt.Client.publish = freeze_at_first_receipt  # type: ignore[method-assign]
+                paho.Client.publish = freeze_at_first_receipt  # type: ignore[method-assign]
                 await asyncio.gather(*(device.publish(topics.update_topic(fleet, f"dev{i}"), payload(f"dev{i}", i), qos=1)
                                        for i in range(3)))
                 await asyncio.wait_for(frozen.wait(), timeout=30)
             await asyncio.sleep(4.5)  # RECEIPT_TIMEOUT_S (3 s) passes without a PUBACK
         finally:
-            aiomqtt.Client.publish = publish  # type: ignore[method-assign]
+            paho.Client.publish = publish  # type: ignore[method-assign]
             if broker.pid is not None:
                 os.kill(broker.pid, signal.SIGCONT)
             stop.set()
