@@ -8,6 +8,11 @@ For each case MODEL:M, a publisher process publishes M fp32 updates (QoS 1, one 
 pre-encoded before the clock starts) as fast as Mosquitto takes them, once per consumer:
 
 - ``bare``: an aiomqtt subscriber that counts messages and bytes: the limit.
+- ``receipts``: ``bare`` plus what the protocol's acknowledgement alone costs: a receipt for
+  every update, published at QoS 1 the way the daemon sends them (``ReceiptSender``, at most 64
+  unacknowledged). No decoding, no checks, no journal, no fold. Any aggregator that answers every
+  update on this MQTT client stack pays at least this; the daemon's distance from it is what the
+  aggregation itself costs.
 - ``daemon``: the real ``Aggregator.run()``: it takes every update already received as one batch
   (at most 16 or 32 MB), ingests the batch in a worker thread (checks, one-pass fold, journal
   with one fsync per batch) while the event loop goes on reading the socket, then sends the
@@ -24,7 +29,7 @@ Two modes (``--modes``, both by default):
   aggregator that restarts into a queued burst, or whose devices publish from other machines.
 
 updates/s counts from the publisher's start (``live``) or the first message taken (``backlog``)
-to the last update accepted (or received, for ``bare``); the ratio is against ``bare`` of the same
+to the last update accepted (or received, for ``bare`` and ``receipts``); the ratio is against ``bare`` of the same
 case and mode. Each case also times the journal alone (``journal alone``: the same records in group
 commits of 16, on the same disk, no MQTT): the most updates/s any durable aggregator can accept
 on that disk. "cpu s" is the consumer's CPU time in
@@ -60,7 +65,8 @@ from fedmq.broker.settings import BrokerSettings  # noqa: E402
 #: Each measurement uses its own fleet (topic tree) and client ids: the aggregator's persistent
 #: session outlives its run, and must not collect (and later replay) the next run's updates.
 FLEET_PREFIX = "bench"
-CONSUMERS = ("bare", "daemon")
+CONSUMERS = ("bare", "receipts", "daemon")
+SUBSCRIBERS = ("bare", "receipts")  # aiomqtt subscribers without an aggregator
 
 
 # -- publisher process --------------------------------------------------------------------------
@@ -117,17 +123,43 @@ class Publisher:
 
 # -- consumers -------------------------------------------------------------------------------------
 
-async def bare_subscriber(settings: BrokerSettings, fleet: str, count: int, ready: asyncio.Event) -> dict[str, Any]:
-    received = nbytes = 0
-    async with settings.client(identifier=f"{fleet}-bare") as client:
-        await client.subscribe(topics.updates_filter(fleet), qos=1)
+async def bare_subscriber(settings: BrokerSettings, fleet: str, count: int, ready: asyncio.Event, *,
+                          receipts: bool = False, persistent_session: bool = False) -> dict[str, Any]:
+    async with settings.client(identifier=f"{fleet}-{'receipts' if receipts else 'bare'}",
+                               persistent_session=persistent_session) as client:
+        if not persistent_session:
+            await client.subscribe(topics.updates_filter(fleet), qos=1)
         ready.set()
+        return await drain(client, fleet, count, receipts)
+
+
+async def drain(client: aiomqtt.Client, fleet: str, count: int, receipts: bool) -> dict[str, Any]:
+    """Count ``count`` messages and their bytes; with ``receipts``, answer each as the daemon does."""
+    from fedmq.aggregator.daemon import MAX_RECEIPTS_IN_FLIGHT, RECEIPT_TIMEOUT_S
+    from fedmq.aggregator.receipts import ReceiptSender
+
+    received = nbytes = 0
+    sender = ReceiptSender(client, limit=MAX_RECEIPTS_IN_FLIGHT, timeout=RECEIPT_TIMEOUT_S) if receipts else None
+    last = time.time()
+    try:
         async for message in client.messages:
             received += 1
             nbytes += len(message.payload) if isinstance(message.payload, bytes | bytearray) else 0
+            if sender is not None:
+                device = topics.parse_topic(str(message.topic)).device
+                # the update id is not parsed (no decoding here): one of the daemon's usual length
+                sender.send(topics.receipt_topic(fleet, device),
+                            Receipt(device, f"u{received:07d}", "accepted", 1).encode())
+                await sender.room()
             if received == count:
+                last = time.time()  # as the daemon's clock: the last update taken, its receipt may still be on its way
                 break
-    return {"received": received, "bytes": nbytes}
+        if sender is not None:
+            await sender.settle(RECEIPT_TIMEOUT_S)
+    finally:
+        if sender is not None:
+            sender.close()
+    return {"received": received, "bytes": nbytes, "ingested_at": last}
 
 
 def make_aggregator(settings: BrokerSettings, fleet: str, model_name: str, count: int, state_dir: Path) -> Aggregator:
@@ -212,7 +244,7 @@ async def measure_backlog(consumer: str, broker: Any, fleet: str, model_name: st
     settings = BrokerSettings(host=broker.host, port=broker.port, protocol="5")
     client_id = f"{fleet}-{consumer}"
     state_dir = Path(tempfile.mkdtemp(prefix=f"{consumer}-", dir=state_root))
-    if consumer == "bare":
+    if consumer in SUBSCRIBERS:
         async with settings.client(identifier=client_id, persistent_session=True) as client:
             await client.subscribe(topics.updates_filter(fleet), qos=1)
     else:  # the aggregator's own session: run it until it has subscribed, then stop it
@@ -225,15 +257,11 @@ async def measure_backlog(consumer: str, broker: Any, fleet: str, model_name: st
     bench.reset_peak_rss()
     agg = None
     first = FIRST.arm()
-    received = nbytes = 0
-    if consumer == "bare":
-        async with settings.client(identifier=client_id, persistent_session=True) as client:
-            async for message in client.messages:
-                received += 1
-                nbytes += len(message.payload) if isinstance(message.payload, bytes | bytearray) else 0
-                if received == count:
-                    break
-        end = time.time()
+    out: dict[str, Any] = {}
+    if consumer in SUBSCRIBERS:
+        out = await bare_subscriber(settings, fleet, count, asyncio.Event(), receipts=consumer == "receipts",
+                                    persistent_session=True)
+        end = out["ingested_at"]
     else:
         agg = make_aggregator(settings, fleet, model_name, count, state_dir)
         done = count_ingests(agg, count)
@@ -245,9 +273,9 @@ async def measure_backlog(consumer: str, broker: Any, fleet: str, model_name: st
         await asyncio.wait_for(run, timeout=120)
     split = [b - a for a, b in zip(first["split"], bench.cpu_split(), strict=True)]
     row = consumer_row(consumer, "backlog", model_name, count, end - first["at"], pub, split,
-                       bench.cpu_seconds(broker.pid) - broker_cpu0, agg, received)
+                       bench.cpu_seconds(broker.pid) - broker_cpu0, agg, out.get("received", 0))
     if agg is None:
-        row["bytes"] = nbytes
+        row["bytes"] = out["bytes"]
     shutil.rmtree(state_dir, ignore_errors=True)
     return row
 
@@ -270,8 +298,9 @@ async def measure(consumer: str, broker: Any, fleet: str, model_name: str, count
     publisher = await asyncio.to_thread(Publisher, broker.port, fleet, model_name, count, inflight)
     ready = asyncio.Event()
     agg = None
-    if consumer == "bare":
-        task: asyncio.Task[dict[str, Any]] = asyncio.create_task(bare_subscriber(settings, fleet, count, ready))
+    if consumer in SUBSCRIBERS:
+        task: asyncio.Task[dict[str, Any]] = asyncio.create_task(
+            bare_subscriber(settings, fleet, count, ready, receipts=consumer == "receipts"))
     else:
         state_dir = Path(tempfile.mkdtemp(prefix=f"{consumer}-", dir=state_root))
         agg = make_aggregator(settings, fleet, model_name, count, state_dir)
@@ -330,6 +359,7 @@ def journal_only(model_name: str, count: int, state_root: Path) -> dict[str, Any
     directory = Path(tempfile.mkdtemp(prefix="journal-", dir=state_root))
     journal = UpdateJournal(directory)
     journal.open_round(1)
+    bench.reset_peak_rss()
     split0, started = bench.cpu_split(), time.perf_counter()
     for first in range(0, count, MAX_BATCH):
         with journal.group_commit():

@@ -47,11 +47,13 @@ def test_aggregate_core(tmp_path: Path) -> None:
 def test_aggregator_ingest(tmp_path: Path) -> None:
     _, data = run_bench("aggregator_ingest.py", "--cases", "10k:20", "--state-dir", str(tmp_path), tmp_path=tmp_path)
     rows = {(r["mode"], r["consumer"]): r for r in data["results"]}
-    assert set(rows) == {("alone", "journal"), ("live", "bare"), ("live", "daemon"), ("backlog", "bare"), ("backlog", "daemon")}
+    assert set(rows) == {("alone", "journal"), *((mode, consumer) for mode in ("live", "backlog")
+                                                 for consumer in ("bare", "receipts", "daemon"))}
     journal = rows["alone", "journal"]
     assert journal["updates"] == 20 and journal["updates_per_s"] > 0 and journal["o_direct"] in (True, False)
     for mode in ("live", "backlog"):
         assert rows[mode, "bare"]["received"] == 20 and rows[mode, "bare"]["vs_bare"] == 1.0
+        assert rows[mode, "receipts"]["received"] == 20 and rows[mode, "receipts"]["lost"] == 0
         row = rows[mode, "daemon"]
         assert (row["accepted"], row["rejected"], row["lost"], row["rounds_closed"]) == (20, 0, 0, 1), (mode, row)
         assert row["updates_per_s"] > 0 and row["vs_bare"] > 0
