@@ -13,7 +13,9 @@ the payloads go from one reused, page-aligned buffer straight to the disk instea
 freshly allocated page-cache pages, which cost more CPU than the copy itself and would fill the
 page cache with data that is read back only after a crash. Direct writes cover whole 4 KiB blocks,
 so between appends the file ends in zero padding; :meth:`UpdateJournal.close` trims it, and a
-restart after a crash trims it like a torn record. ``FEDMQ_JOURNAL_DIRECT=0`` writes through the
+restart after a crash trims it like a torn record. Inside a group commit, small records are
+gathered and written together (each direct write is a disk write), large ones on their own in a
+writer thread while the caller goes on; the group's fsync comes after all of them. ``FEDMQ_JOURNAL_DIRECT=0`` writes through the
 page cache instead (the format is the same either way).
 """
 
@@ -52,6 +54,10 @@ _COPY_WITHOUT_GIL = 64 * 1024
 #: O_DIRECT writes whole blocks from an aligned buffer at an aligned offset: 4 KiB covers every
 #: logical block size Linux file systems use.
 BLOCK = 4096
+#: Inside a group commit, records are gathered in the O_DIRECT buffer and written once this many
+#: bytes wait (or when the group ends): without a page cache, each write is a disk write, and a
+#: group of small updates would otherwise cost one each.
+COALESCE = 1 << 20
 
 
 def _direct_wanted() -> bool:
@@ -199,7 +205,7 @@ class UpdateJournal:
             raise JournalError(self._broken)
         if self._direct is not None:
             try:
-                self._direct.wait()
+                self._direct.flush()  # the records a group gathered, then every write done
             except _DeferredWriteError as exc:
                 self._fail_deferred(exc)
         if self._file is None or not self._unsynced or not self.fsync:
@@ -234,7 +240,7 @@ class UpdateJournal:
             if self._direct is not None and self._broken is not None:
                 direct, self._direct = self._direct, None
                 with contextlib.suppress(OSError):  # the failure was reported already
-                    direct.close()
+                    direct.close(write_held=False)
             elif self._direct is not None:
                 try:
                     self._leave_direct()  # a closed journal ends at its last record
@@ -288,24 +294,27 @@ class _DirectAppender:
     """Appends records to a journal file opened with ``O_DIRECT``.
 
     Every write covers whole blocks from a page-aligned buffer (two of them, reused and grown to
-    the largest record): the partial block at the end of the records, then the new record, then
-    zeros to the block boundary. ``end`` is where the records end; the file may be longer by the
-    padding. A failed write leaves ``end`` where it was, so the next write covers the same block
-    again (the caller also truncates the file back to ``end``).
+    the largest write): the partial block at the end of the records, then the new records, then
+    zeros to the block boundary. ``end`` is where the written records end; the file may be longer
+    by the padding. A failed write leaves ``end`` where it was, so the next write covers the same
+    block again (the caller also truncates the file back to ``end``).
 
-    ``append(..., deferred=True)`` returns while the disk write runs in a writer thread, so that
-    the next update's checks and fold overlap it; one write is in flight at most, and
-    :meth:`wait` (which the next append and every sync call) raises :class:`_DeferredWriteError`
-    if it failed.
+    ``append(..., deferred=True)`` (inside a group commit) may return before its record is on the
+    disk: records are gathered in the buffer until :data:`COALESCE` bytes wait, and then written in
+    a writer thread while the caller goes on (one write in flight at most). Small records thus
+    cost one disk write per group instead of one each; a large one is written on its own,
+    overlapping the caller's next update. :meth:`flush` writes what waits and waits for it; it, and
+    the next write, raise :class:`_DeferredWriteError` if a deferred write failed.
     """
 
     def __init__(self, fd: int, end: int, tail: bytes) -> None:
         self.fd = fd
         self.end = end
         self.writes = 0
-        self._tail = bytes(tail)  # the last, partial block of the records
+        self._tail = bytes(tail)  # the last, partial block of the written records
+        self._held = 0  # bytes of records gathered after the tail in the current buffer, not written yet
         self._buffers = [mmap.mmap(-1, 1 << 20), mmap.mmap(-1, 1 << 20)]  # anonymous maps are page aligned
-        self._next = 0  # the buffer the next record goes into; the other may be in flight
+        self._next = 0  # the buffer records go into; the other may be in flight
         self._in_flight: Future[None] | None = None
 
     @classmethod
@@ -318,17 +327,27 @@ class _DirectAppender:
         base = end - end % BLOCK
         return cls(fd, end, os.pread(file, end - base, base))
 
+    @property
+    def held(self) -> int:
+        """Bytes of appended records not handed to the disk yet."""
+        return self._held
+
     def append(self, parts: tuple[bytes, ...], *, deferred: bool = False) -> None:
+        """Add a record; without ``deferred`` it is on the disk when this returns."""
         tail = self._tail
-        size = len(tail) + sum(len(p) for p in parts)
+        held_before = self._held
+        start = len(tail) + held_before
+        size = start + sum(len(p) for p in parts)
         padded = -(-size // BLOCK) * BLOCK
         buffer = self._buffers[self._next]
         if padded > len(buffer):
             grown = mmap.mmap(-1, max(padded, 2 * len(buffer)))
+            grown[:start] = buffer[:start]  # the tail and the records gathered so far
             buffer.close()
             buffer = self._buffers[self._next] = grown
-        buffer[:len(tail)] = tail
-        at = len(tail)
+        if self._held == 0:
+            buffer[:len(tail)] = tail
+        at = start
         for part in parts:
             if len(part) >= _COPY_WITHOUT_GIL:
                 # numpy copies without the GIL (a slice assignment to the mmap holds it): the event
@@ -339,8 +358,40 @@ class _DirectAppender:
             else:
                 buffer[at:at + len(part)] = part
             at += len(part)
-        buffer[size:padded] = bytes(padded - size)
+        self._held = size - len(tail)
+        if deferred and self._held < COALESCE:
+            return
+        try:
+            self._write_held(deferred=deferred)
+        except _DeferredWriteError:
+            raise
+        except OSError as exc:  # only a write made here, not in the writer thread
+            if held_before:
+                raise _DeferredWriteError(exc.errno, f"gathered records could not be written: {exc}") from exc
+            self._held = 0  # this record alone is refused; the caller truncates the file back to end
+            raise
+
+    def flush(self) -> None:
+        """Write the gathered records and wait until every write is done.
+
+        Raises :class:`_DeferredWriteError` if one fails: those records were counted as appended.
+        """
+        try:
+            self._write_held(deferred=False)
+        except _DeferredWriteError:
+            raise
+        except OSError as exc:
+            raise _DeferredWriteError(exc.errno, f"gathered records could not be written: {exc}") from exc
+
+    def _write_held(self, *, deferred: bool) -> None:
         self.wait()  # the write in flight (from the other buffer) must be on disk before this one
+        if self._held == 0:
+            return
+        tail = self._tail
+        size = len(tail) + self._held
+        padded = -(-size // BLOCK) * BLOCK
+        buffer = self._buffers[self._next]
+        buffer[size:padded] = bytes(padded - size)
         base = self.end - len(tail)
         if deferred:
             self._in_flight = _writer().submit(self._write, buffer, padded, base)
@@ -348,6 +399,7 @@ class _DirectAppender:
             self._write(buffer, padded, base)
         self.end = base + size
         self._tail = bytes(buffer[size - size % BLOCK:size])
+        self._held = 0
         self._next = 1 - self._next
         self.writes += 1
 
@@ -367,9 +419,14 @@ class _DirectAppender:
         except OSError as exc:
             raise _DeferredWriteError(exc.errno, f"an earlier record's write failed: {exc}") from exc
 
-    def close(self) -> None:
+    def close(self, *, write_held: bool = True) -> None:
+        """Write what is gathered (unless ``write_held`` is false: a broken journal's records stay
+        off the disk) and close."""
         try:
-            self.wait()
+            if write_held:
+                self.flush()
+            else:
+                self.wait()
         finally:
             for buffer in self._buffers:
                 buffer.close()

@@ -302,10 +302,32 @@ def test_tmpfs_journal_writes_through_the_page_cache(tmp_path: Path) -> None:
         assert UpdateJournal(Path(directory)).open_round(1) == [("a", b"payload")]
 
 
-def test_in_a_group_disk_writes_overlap_the_next_append(disk_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def fail_writes_of(monkeypatch: pytest.MonkeyPatch, marker: bytes, *, writer_thread_only: bool = False) -> None:
+    """Make every O_DIRECT write whose blocks hold ``marker`` fail with EIO (only the journal's
+    writer thread's with ``writer_thread_only``); undo with ``monkeypatch.undo()``."""
+    import errno
     import os
     import threading
 
+    real_pwrite = os.pwrite
+
+    def failing(fd: int, data: memoryview, offset: int) -> int:
+        in_writer = threading.current_thread().name.startswith("fedmq-journal")
+        if marker in bytes(data) and (in_writer or not writer_thread_only):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", failing)
+
+
+def test_in_a_group_large_records_are_written_while_the_next_is_appended(disk_dir: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import threading
+
+    from fedmq.aggregator import journal as journal_module
+
+    monkeypatch.setattr(journal_module, "COALESCE", 8192)  # each 10 kB record is "large"
     journal = UpdateJournal(disk_dir)
     journal.open_round(1)
     writers: list[str] = []
@@ -318,28 +340,81 @@ def test_in_a_group_disk_writes_overlap_the_next_append(disk_dir: Path, monkeypa
     me = threading.current_thread().name
     # the first write of a file is waited for (an O_DIRECT refusal shows there); outside a group too
     assert writers[0] == me and writers[-1] == me
-    assert all(name.startswith("fedmq-journal") for name in writers[1:4])
+    assert len(writers) == 5 and all(name.startswith("fedmq-journal") for name in writers[1:4])
     journal.close()
     assert UpdateJournal(disk_dir).open_round(1) == [(f"d{i}", bytes([i]) * 10_000) for i in range(4)] + [("alone", b"x")]
 
 
-def test_a_failed_deferred_write_refuses_the_rest_of_the_group(disk_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_in_a_group_small_records_reach_the_disk_in_one_write(disk_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    journal = UpdateJournal(disk_dir)
+    journal.open_round(1)
+    journal.append("first", b"f")  # the file's first write, waited for
+    writes: list[int] = []
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: (writes.append(len(data)), real_pwrite(fd, data, offset))[1])
+    on_disk = journal.path(1).read_bytes()
+    with journal.group_commit():
+        for i in range(16):
+            journal.append(f"d{i}", bytes([i]) * 300)
+        assert writes == [] and journal.path(1).read_bytes() == on_disk, "gathered, not written yet"
+    assert len(writes) == 1 and writes[0] % 4096 == 0, writes  # one write of whole blocks at the group's end
+    journal.append("alone", b"x")  # outside a group: written at once
+    assert len(writes) == 2
+    journal.close()
+    assert UpdateJournal(disk_dir).open_round(1) == ([("first", b"f")] + [(f"d{i}", bytes([i]) * 300) for i in range(16)]
+                                                     + [("alone", b"x")])
+
+
+def test_gathered_records_that_fail_to_reach_the_disk_refuse_the_group(disk_dir: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedmq.aggregator.journal import JournalError
+
+    journal = UpdateJournal(disk_dir)
+    journal.open_round(1)
+    fail_writes_of(monkeypatch, b"two")
+    with pytest.raises(JournalError, match="Input/output error.*no more updates"), journal.group_commit():
+        journal.append("d0", b"zero")   # the file's first write: on disk
+        journal.append("d1", b"one")    # gathered
+        journal.append("d2", b"two")    # gathered; their write at the group's end fails
+    with pytest.raises(JournalError, match="no more updates"):
+        journal.append("d3", b"three")
+    size = journal.path(1).stat().st_size
+    journal.close()  # writes nothing more
+    assert journal.path(1).stat().st_size == size
+    monkeypatch.undo()
+    assert UpdateJournal(disk_dir).open_round(1) == [("d0", b"zero")], "a restart has what reached the disk"
+
+
+def test_a_refused_direct_write_outside_a_group_leaves_nothing_for_the_next_record(
+        disk_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
     import os
-    import threading
 
     from fedmq.aggregator.journal import JournalError
 
     journal = UpdateJournal(disk_dir)
     journal.open_round(1)
+    journal.append("d0", b"zero")
     real_pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
+    with pytest.raises(JournalError, match="No space left"):
+        journal.append("d1", b"refused")
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    journal.append("d2", b"two")  # the refused record is not written along with this one
+    journal.close()
+    assert UpdateJournal(disk_dir).open_round(1) == [("d0", b"zero"), ("d2", b"two")]
 
-    def failing_in_the_writer(fd: int, data: memoryview, offset: int) -> int:
-        if threading.current_thread().name.startswith("fedmq-journal") and b"two" in bytes(data):
-            raise OSError(errno.EIO, "Input/output error")  # the blocks that hold d2's record
-        return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(os, "pwrite", failing_in_the_writer)
+def test_a_failed_deferred_write_refuses_the_rest_of_the_group(disk_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedmq.aggregator import journal as journal_module
+    from fedmq.aggregator.journal import JournalError
+
+    monkeypatch.setattr(journal_module, "COALESCE", 1)  # every record written on its own, in the writer thread
+    journal = UpdateJournal(disk_dir)
+    journal.open_round(1)
+    fail_writes_of(monkeypatch, b"two", writer_thread_only=True)  # the blocks that hold d2's record
     with pytest.raises(JournalError, match="Input/output error.*no more updates"), journal.group_commit():
         journal.append("d0", b"zero")
         journal.append("d1", b"one")    # deferred
@@ -353,36 +428,31 @@ def test_a_failed_deferred_write_refuses_the_rest_of_the_group(disk_dir: Path, m
     size = journal.path(1).stat().st_size
     journal.close()
     assert journal.path(1).stat().st_size == size
-    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    monkeypatch.undo()
     assert UpdateJournal(disk_dir).open_round(1) == [("d0", b"zero"), ("d1", b"one")], "a restart has what reached the disk"
 
 
+@pytest.mark.parametrize("coalesce, on_disk", [(1, 2), (None, 1)], ids=["each-record-written-alone", "gathered"])
 def test_a_batch_whose_deferred_write_fails_gets_no_receipt_and_a_restart_replays_the_disk(
-        disk_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import errno
-    import os
-    import threading
-
+        disk_dir: Path, monkeypatch: pytest.MonkeyPatch, coalesce: int | None, on_disk: int) -> None:
+    from fedmq.aggregator import journal as journal_module
     from fedmq.aggregator.journal import JournalError
 
+    if coalesce is not None:
+        monkeypatch.setattr(journal_module, "COALESCE", coalesce)
     agg = aggregator(disk_dir, target=10)
     assert agg.journal.direct
     batch = [(f"d{i}", update(f"d{i}", f"u{i}", value=0.1 * (i + 1))) for i in range(5)]
-    real_pwrite = os.pwrite
-
-    def failing(fd: int, data: memoryview, offset: int) -> int:
-        if threading.current_thread().name.startswith("fedmq-journal") and b"u2" in bytes(data):
-            raise OSError(errno.EIO, "Input/output error")
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", failing)
+    fail_writes_of(monkeypatch, b"u2")
     with pytest.raises(JournalError, match="no more updates"):
         agg._ingest_batch(batch)  # raises instead of returning receipts: the daemon stops, sends none
-    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    monkeypatch.undo()
     agg.journal.close()
     agg.registry.close()
     restarted = aggregator(disk_dir, target=10)
-    assert restarted.round.count == 2, "d0 and d1 reached the disk; d2 never did, d3 and d4 were refused"
+    # written alone: d0 and d1 reached the disk, d2 never did, d3 and d4 were refused;
+    # gathered: d0 (the file's first write) reached it, d1-d4 went in the one write that failed
+    assert restarted.round.count == on_disk
     assert restarted.ingest("d2", batch[2][1]).status == "accepted", "d2 got no receipt: its re-send counts"
     again = restarted.ingest("d0", batch[0][1])
     assert (again.status, again.reason) == ("rejected", "duplicate")
