@@ -45,7 +45,9 @@ from .rounds import AsyncBuffer, RoundPolicy, SyncRound
 
 log = logging.getLogger(__name__)
 
-#: Seconds to wait for the broker's PUBACK of a receipt before treating the connection as dead.
+#: Seconds a receipt may wait for its PUBACK while nothing at all comes from the broker before the
+#: connection is treated as dead (ten times as long while other data keeps coming: a PUBACK may
+#: queue behind a backlog of updates on a slow link).
 RECEIPT_TIMEOUT_S = 3.0
 
 #: Most updates and bytes one ingest batch takes (bounds the payloads held at once).
@@ -311,6 +313,7 @@ class Aggregator:
         receipts = ReceiptSender(client, limit=MAX_RECEIPTS_IN_FLIGHT, timeout=RECEIPT_TIMEOUT_S)
         tasks = [
             asyncio.create_task(self._consume(client, receipts), name="consume"),
+            asyncio.create_task(receipts.watch(), name="receipts"),  # a dead broker ends the session
             asyncio.create_task(self._watch_deadline(client), name="deadline"),
             asyncio.create_task(self._stop.wait(), name="stop"),
         ]

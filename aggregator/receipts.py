@@ -1,8 +1,12 @@
 """Receipts go out through paho directly, tracked by their message info instead of a task each.
 
 A receipt is a QoS 1 PUBLISH that nobody awaits on its own: the aggregator needs to know only
-that at most a bounded number wait for their PUBACK, and that none waits too long (a broker that
-does not acknowledge within the timeout is gone, and the session must end). aiomqtt's
+that at most a bounded number wait for their PUBACK, and that none waits too long. "Too long"
+means the broker is gone: a receipt has waited ``timeout`` seconds *and nothing at all has come
+from the broker for as long*. A PUBACK can sit behind megabytes of queued updates on a slow link
+(draining a backlog), and a broker that is sending is not dead; a session torn down for that
+would lose the receipts in flight and make devices re-send whole updates. A receipt that waits
+``give_up`` seconds ends the session whatever arrives. aiomqtt's
 ``publish()`` costs an ``asyncio.Event``, a ``wait_for`` task, a pending-call entry and, in the
 aggregator, one task more per message: 125 us of CPU per receipt on the benchmark machine, against
 79 us for paho's own PUBLISH and PUBACK handling (``bench/PERFORMANCE.md``). For small updates
@@ -16,24 +20,26 @@ real Mosquitto, including one that stops acknowledging.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 
 import aiomqtt
 import paho.mqtt.client as paho
+
+_clock = paho.time_func  # the clock of paho's _last_bytes_received
 
 
 class ReceiptSender:
     """QoS 1 publishes of one aiomqtt connection, each followed until the broker acknowledges it.
 
     Use :meth:`send` from the event loop thread. :meth:`room` waits until at most ``limit`` are
-    unacknowledged; :meth:`check` and :meth:`room` raise :class:`aiomqtt.MqttError` once one has
-    waited ``timeout`` seconds. :meth:`close` (always call it) gives paho its callback back.
+    unacknowledged; :meth:`check` and :meth:`room` raise :class:`aiomqtt.MqttError` once one is
+    overdue (see the module docstring). :meth:`close` (always call it) gives paho its callback back.
     """
 
-    def __init__(self, client: aiomqtt.Client, *, limit: int, timeout: float) -> None:
+    def __init__(self, client: aiomqtt.Client, *, limit: int, timeout: float, give_up: float | None = None) -> None:
         self.limit = limit
         self.timeout = timeout
+        self.give_up = 10 * timeout if give_up is None else give_up
         self._paho: paho.Client = client._client
         self._waiting: deque[tuple[paho.MQTTMessageInfo, float]] = deque()  # in publish order
         self._acked = asyncio.Event()
@@ -50,7 +56,7 @@ class ReceiptSender:
         info = self._paho.publish(topic, payload, qos=1)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise aiomqtt.MqttCodeError(info.rc, "Could not publish a receipt")
-        self._waiting.append((info, time.monotonic()))
+        self._waiting.append((info, _clock()))
 
     def unacknowledged(self) -> int:
         """Receipts still waiting for their PUBACK."""
@@ -63,14 +69,30 @@ class ReceiptSender:
             waiting.popleft()
 
     def _overdue(self) -> float:
-        """Seconds until the oldest unacknowledged receipt times out (<= 0: it has)."""
+        """Seconds until the oldest unacknowledged receipt is overdue (<= 0: it is)."""
         self._forget_acknowledged()
-        return self._waiting[0][1] + self.timeout - time.monotonic() if self._waiting else self.timeout
+        if not self._waiting:
+            return self.timeout
+        sent = self._waiting[0][1]
+        heard = getattr(self._paho, "_last_bytes_received", 0.0)  # any bytes from the broker, by paho's clock
+        return min(max(sent, heard) + self.timeout, sent + self.give_up) - _clock()
 
     def check(self) -> None:
-        """Raise :class:`aiomqtt.MqttError` if a receipt has waited ``timeout`` seconds."""
+        """Raise :class:`aiomqtt.MqttError` if a receipt is overdue."""
         if self._overdue() <= 0:
-            raise aiomqtt.MqttError(f"a receipt got no PUBACK within {self.timeout:g} s")
+            waited = _clock() - self._waiting[0][1]
+            if waited >= self.give_up:
+                raise aiomqtt.MqttError(f"a receipt got no PUBACK within {self.give_up:g} s")
+            raise aiomqtt.MqttError(f"a receipt got no PUBACK within {self.timeout:g} s, "
+                                    f"and nothing came from the broker for as long")
+
+    async def watch(self) -> None:
+        """Raise :class:`aiomqtt.MqttError` once a receipt is overdue, even if nothing else
+        happens (run it as one of the session's tasks: a dead broker sends no new updates
+        either)."""
+        while True:
+            self.check()
+            await asyncio.sleep(max(self._overdue(), 0.05))
 
     async def room(self) -> None:
         """Wait until at most ``limit`` receipts are unacknowledged."""
@@ -88,9 +110,9 @@ class ReceiptSender:
     async def settle(self, wait: float) -> int:
         """Wait up to ``wait`` seconds (and no receipt beyond its timeout) for the PUBACKs of the
         receipts sent; return how many got none."""
-        deadline = time.monotonic() + wait
+        deadline = _clock() + wait
         while self.unacknowledged():
-            left = min(deadline - time.monotonic(), self._overdue())
+            left = min(deadline - _clock(), self._overdue())
             if left <= 0:
                 break
             self._acked.clear()

@@ -71,6 +71,63 @@ async def test_a_broker_that_stops_acknowledging_is_noticed_within_the_timeout(r
 
 
 @pytest.mark.asyncio
+async def test_watch_ends_a_session_whose_broker_went_silent_without_anything_else_happening(
+        require_mosquitto: str, fleet: str, tmp_path: Path) -> None:
+    with MosquittoProcess(workdir=tmp_path / "broker") as broker:
+        settings = BrokerSettings(host=broker.host, port=broker.port, protocol="5")
+        async with settings.client(identifier=f"{fleet}-agg") as agg:
+            sender = ReceiptSender(agg, limit=4, timeout=0.4)
+            watch = asyncio.create_task(sender.watch())
+            try:
+                await asyncio.sleep(1.0)  # nothing waits for a PUBACK: nothing to say
+                assert not watch.done()
+                os.kill(broker.pid, signal.SIGSTOP)
+                sender.send(f"{fleet}/receipt/d0", b"r")
+                started = time.monotonic()
+                with pytest.raises(aiomqtt.MqttError, match="no PUBACK within 0.4 s"):
+                    await asyncio.wait_for(watch, timeout=5)
+                assert 0.3 < time.monotonic() - started < 2.0
+            finally:
+                os.kill(broker.pid, signal.SIGCONT)
+                watch.cancel()
+                sender.close()
+
+
+@pytest.mark.asyncio
+async def test_a_broker_that_keeps_sending_is_not_taken_for_dead(require_mosquitto: str, fleet: str,
+                                                                  tmp_path: Path) -> None:
+    """A PUBACK can queue behind a backlog of updates on a slow link: while bytes keep coming from
+    the broker (paho's own record of them is set here, the broker being stopped), a receipt waits
+    past ``timeout`` without ending the session, and only ``give_up`` ends it."""
+    import paho.mqtt.client as paho
+
+    with MosquittoProcess(workdir=tmp_path / "broker") as broker:
+        settings = BrokerSettings(host=broker.host, port=broker.port, protocol="5")
+        async with settings.client(identifier=f"{fleet}-agg") as agg:
+            sender = ReceiptSender(agg, limit=4, timeout=0.3, give_up=1.5)
+            os.kill(broker.pid, signal.SIGSTOP)
+            try:
+                sender.send(f"{fleet}/receipt/d0", b"r")
+                started = time.monotonic()
+                while time.monotonic() - started < 1.0:  # over three times the timeout
+                    agg._client._last_bytes_received = paho.time_func()  # as a backlog arriving
+                    sender.check()
+                    await asyncio.sleep(0.05)
+                assert sender.unacknowledged() == 1
+                while time.monotonic() - started < 1.4:  # still sending, still under give_up
+                    agg._client._last_bytes_received = paho.time_func()
+                    await asyncio.sleep(0.05)
+                sender.check()
+                await asyncio.sleep(0.2)  # past give_up
+                agg._client._last_bytes_received = paho.time_func()
+                with pytest.raises(aiomqtt.MqttError, match="no PUBACK within 1.5 s"):
+                    sender.check()
+            finally:
+                os.kill(broker.pid, signal.SIGCONT)
+                sender.close()
+
+
+@pytest.mark.asyncio
 async def test_close_gives_aiomqtt_its_callback_back(mqtt_broker: BrokerSettings, fleet: str) -> None:
     async with mqtt_broker.client(identifier=f"{fleet}-agg") as agg:
         own = agg._client.on_publish
