@@ -350,7 +350,7 @@ class Aggregator:
         loop goes on reading the socket while the batch is checked, journaled and folded (the fold
         kernel, the CRC and the disk release the GIL). Receipts go out once their batch is durable;
         they are not waited for one by one: at most MAX_RECEIPTS_IN_FLIGHT wait for their PUBACK,
-        and one that waits RECEIPT_TIMEOUT_S (a dead broker) ends the session.
+        and an overdue one (a dead broker, see :mod:`.receipts`) ends the session.
         """
         messages = client.messages
         pending: list[Incoming] = []
@@ -372,7 +372,7 @@ class Aggregator:
                     encoded = receipt.encode()
                     receipts.send(topics.receipt_topic(self.config.fleet, receipt.device), encoded)
                     self.counters["bytes_out"] += len(encoded)
-                await receipts.room()  # raises once a receipt waited RECEIPT_TIMEOUT_S: the broker is gone
+                await receipts.room()  # raises once a receipt is overdue: the broker is gone
                 if self.canary is None and self.round.ready(time.time()):
                     await self._close_round(client)
 

@@ -8,8 +8,9 @@ which is what numpy's own ``acc += x`` costs.
 With numba installed (``pip install 'fedmq[fast]'``) the kernel is compiled on first use (about
 half a second; the daemon does it at start-up with :func:`warm_up`) and folds tensors of at
 least :data:`SMALL` elements (and, once compiled, the smaller ones as well). Small tensors before
-that, and all of them without numba, are folded with the same arithmetic as numpy passes. Both give bit-identical sums: each element becomes
-``float32(acc + float32(w * x))``, with no fused multiply-add. Only the sum of squares may differ
+that, and all of them without numba, are folded with the same arithmetic as numpy passes. Both
+give bit-identical sums: each element becomes ``float32(acc + float32(w * x))``, with no fused
+multiply-add. Only the sum of squares may differ
 in its last bits (numba adds it in another order); it only feeds the checks.
 
 ``FEDMQ_FOLD=numpy`` in the environment forces the numpy path.

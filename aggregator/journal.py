@@ -15,8 +15,9 @@ page cache with data that is read back only after a crash. Direct writes cover w
 so between appends the file ends in zero padding; :meth:`UpdateJournal.close` trims it, and a
 restart after a crash trims it like a torn record. Inside a group commit, small records are
 gathered and written together (each direct write is a disk write), large ones on their own in a
-writer thread while the caller goes on; the group's fsync comes after all of them. ``FEDMQ_JOURNAL_DIRECT=0`` writes through the
-page cache instead (the format is the same either way).
+writer thread while the caller goes on; the group's fsync comes after all of them.
+``FEDMQ_JOURNAL_DIRECT=0`` writes through the page cache instead (the format is the same either
+way).
 """
 
 from __future__ import annotations
@@ -327,11 +328,6 @@ class _DirectAppender:
         base = end - end % BLOCK
         return cls(fd, end, os.pread(file, end - base, base))
 
-    @property
-    def held(self) -> int:
-        """Bytes of appended records not handed to the disk yet."""
-        return self._held
-
     def append(self, parts: tuple[bytes, ...], *, deferred: bool = False) -> None:
         """Add a record; without ``deferred`` it is on the disk when this returns."""
         tail = self._tail
@@ -345,7 +341,7 @@ class _DirectAppender:
             grown[:start] = buffer[:start]  # the tail and the records gathered so far
             buffer.close()
             buffer = self._buffers[self._next] = grown
-        if self._held == 0:
+        if held_before == 0:
             buffer[:len(tail)] = tail
         at = start
         for part in parts:

@@ -125,10 +125,8 @@ def reset_peak_rss() -> None:
 
 def cpu_seconds(pid: int | str = "self") -> float:
     """User + system CPU seconds a process has used so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+    user, system, _ = cpu_split(pid)
+    return user + system
 
 
 def cpu_split(pid: int | str = "self") -> tuple[float, float, int]:
@@ -137,6 +135,11 @@ def cpu_split(pid: int | str = "self") -> tuple[float, float, int]:
         fields = f.read().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / ticks, int(fields[12]) / ticks, int(fields[7])
+
+
+def cpu_split_since(start: tuple[float, float, int], pid: int | str = "self") -> list[float]:
+    """What :func:`cpu_split` has grown by since ``start`` (an earlier :func:`cpu_split`)."""
+    return [now - then for then, now in zip(start, cpu_split(pid), strict=True)]
 
 
 def raise_nofile(wanted: int) -> int:

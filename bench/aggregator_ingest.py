@@ -271,7 +271,7 @@ async def measure_backlog(consumer: str, broker: Any, fleet: str, model_name: st
                            timeout=max(120, count * 0.5))
         end = getattr(agg, "ingested_at", time.time())
         await asyncio.wait_for(run, timeout=120)
-    split = [b - a for a, b in zip(first["split"], bench.cpu_split(), strict=True)]
+    split = bench.cpu_split_since(first["split"])
     row = consumer_row(consumer, "backlog", model_name, count, end - first["at"], pub, split,
                        bench.cpu_seconds(broker.pid) - broker_cpu0, agg, out.get("received", 0))
     if agg is None:
@@ -316,7 +316,7 @@ async def measure(consumer: str, broker: Any, fleet: str, model_name: str, count
             task.cancel()
     finished = time.time()
     broker_cpu = bench.cpu_seconds(broker.pid) - broker_cpu0
-    split = [b - a for a, b in zip(split0, bench.cpu_split(), strict=True)]
+    split = bench.cpu_split_since(split0)
     pub = await asyncio.to_thread(publisher.result, 60)
     row = consumer_row(consumer, "live", model_name, count, out.get("ingested_at", finished) - started, pub, split,
                        broker_cpu, agg, out.get("received", 0))
@@ -366,7 +366,7 @@ def journal_only(model_name: str, count: int, state_root: Path) -> dict[str, Any
             for i in range(first, min(first + MAX_BATCH, count)):
                 journal.append(bench.device_name(i), payloads[i % 4])
     seconds = time.perf_counter() - started
-    split = [b - a for a, b in zip(split0, bench.cpu_split(), strict=True)]
+    split = bench.cpu_split_since(split0)
     direct = journal.direct
     journal.close()
     shutil.rmtree(directory, ignore_errors=True)

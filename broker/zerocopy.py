@@ -25,6 +25,7 @@ import weakref
 from typing import Any
 
 import aiomqtt
+from paho.mqtt.client import time_func
 
 log = logging.getLogger(__name__)
 
@@ -148,24 +149,13 @@ class _PayloadReader:
                     return b""
                 self.filled += received
                 with paho._msgtime_mutex:
-                    paho._last_bytes_received = _paho_time()
+                    paho._last_bytes_received = time_func()  # the clock paho's keepalive reads
         self.buffer = self.owner = None
         last = bytes(buffer[-1:])
         del buffer[-1:]  # keeps the allocation: paho's append of the last byte does not reallocate
         packet["packet"] = buffer
         packet["to_process"] = 1
         return last
-
-
-def _paho_time() -> float:
-    return float(_paho_clock()())
-
-
-@functools.cache
-def _paho_clock() -> Any:
-    from paho.mqtt.client import time_func  # the clock paho's keepalive compares with
-
-    return time_func
 
 
 def zero_copy(client: aiomqtt.Client) -> bool:
