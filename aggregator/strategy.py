@@ -31,6 +31,19 @@ def value_refusal(delta: Mapping[str, np.ndarray]) -> RejectedMessage:
     return RejectedMessage(Reason.NORM, f"update L2 norm {exact ** 0.5:.3g} is over the hard limit {MAX_DELTA_NORM:g}")
 
 
+def _written_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """float32 zeros whose memory is written now.
+
+    ``np.zeros`` of a large array maps pages that are first read (the kernel maps the shared zero
+    page) and then written (a second fault to get a page of its own): two faults per page where
+    one write does. Fresh memory is what a new round's sums get, and a fault costs microseconds on
+    a virtual machine (bench/PERFORMANCE.md).
+    """
+    array = np.empty(shape, dtype=np.float32)
+    array.fill(0.0)
+    return array
+
+
 class WeightedMean:
     """Streaming weighted mean of deltas: ``sum(w_i * d_i) / sum(w_i)``.
 
@@ -55,7 +68,7 @@ class WeightedMean:
     SNAPSHOT_BYTES = 64 * 1024 * 1024
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        self._sums = {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}
+        self._sums = {name: _written_zeros(shape) for name, shape in shapes.items()}
         self._snapshot = {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}
         self._since: list[tuple[Mapping[str, np.ndarray], float]] = []  # added after the snapshot, in order
         self._since_bytes = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -74,6 +75,27 @@ def test_weighted_mean_memory_is_flat_in_the_number_of_updates() -> None:
     np.testing.assert_allclose(mean.result()["w"], 1.0)
 
 
+def test_new_sums_are_written_at_once_so_folding_into_them_takes_no_page_faults() -> None:
+    # np.zeros would leave fresh pages to the first fold: a read fault then a write fault per page
+    import resource
+
+    size = 1 << 23  # 32 MB of float32: glibc mmaps it fresh (its largest threshold); no snapshot yet
+    delta = {"w": np.ones(size, np.float32)}
+    fold.kernel()  # compiled before counting
+    faults = lambda: resource.getrusage(resource.RUSAGE_THREAD).ru_minflt  # noqa: E731
+    before = faults()
+    mean = WeightedMean({"w": (size,)})
+    created = faults()
+    mean.add(delta, 1.0)
+    folded = faults()
+    # how many faults 64 MB takes depends on transparent huge pages (numpy asks for them), so the
+    # first fold is compared with the making of the sums, which must have taken the faults
+    assert created - before >= 16, f"the sums were not written when made ({created - before} faults)"
+    assert folded - created <= (created - before) // 10, (
+        f"the first fold took {folded - created} page faults, making the sums {created - before}")
+    assert float(mean.result()["w"][-1]) == 1.0
+
+
 def test_weighted_mean_refuses_empty_and_non_positive_weight() -> None:
     mean = WeightedMean(SHAPES)
     with pytest.raises(ValueError, match="no update"):
@@ -108,6 +130,25 @@ def test_fold_kernels_are_bit_identical_and_numba_is_the_default() -> None:
     np.testing.assert_array_equal(acc_numpy, start + np.float32(37.0) * x)  # one rounding per operation, no FMA
     assert squares == pytest.approx(reference, rel=1e-5)
     assert squares == pytest.approx(float(np.dot(x.astype(np.float64), x.astype(np.float64))), rel=1e-5)
+
+
+@pytest.mark.parametrize("size", [1, 3, 4, 5, 8, 11, 4097])
+def test_the_kernel_folds_every_quarter_and_the_tail(size: int) -> None:
+    # the kernel walks four quarters of the tensor at once, then the last size % 4 elements: each
+    # element is folded once, and a bad value in any of them reaches the sum of squares
+    fn, _ = fold.kernel()
+    rng = np.random.default_rng(size)
+    x = rng.standard_normal(size).astype(np.float32)
+    acc = rng.standard_normal(size).astype(np.float32)
+    expected = acc + np.float32(3.0) * x
+    squares = fn(acc, x, np.float32(3.0))
+    np.testing.assert_array_equal(acc, expected)
+    assert squares == pytest.approx(float(np.dot(x.astype(np.float64), x.astype(np.float64))), rel=1e-5)
+    q = size // 4
+    for position in sorted({0, q - 1, q, 2 * q, 3 * q, 4 * q - 1, size - 1} - {-1}):
+        poisoned = x.copy()
+        poisoned[position] = np.nan
+        assert math.isnan(fn(np.zeros(size, np.float32), poisoned, np.float32(1.0))), position
 
 
 @pytest.mark.parametrize("bad, reason", [(np.nan, Reason.NON_FINITE), (np.inf, Reason.NON_FINITE),
