@@ -1,6 +1,7 @@
 """The aggregation core: folding N updates from their wire bytes into the running aggregate.
 
     .venv/bin/python bench/aggregate_core.py [--model 1m] [--updates 10,100,1000] [--json out.json]
+    .venv/bin/python bench/aggregate_core.py --kernels   # the fold kernel against plain adds
 
 For each N, four ways of reducing N fp32 updates of the same model, each in its own process (so
 that each has its own peak memory), on the same pool of distinct payloads cycled to N:
@@ -17,6 +18,12 @@ that each has its own peak memory), on the same pool of distinct payloads cycled
 
 Times are the best of ``--repeat`` passes; memory is the peak RSS of the pass over the RSS with the
 payload pool loaded (the pool itself, ``--pool`` payloads, is not counted).
+
+``--kernels`` times the loops alone instead, in one process, interleaved pass by pass over the same
+decoded pool (needs numba, ``pip install 'fedmq[fast]'``): numpy's ``acc += x`` (the limit
+above), ``acc += x`` compiled as one stream and as four (the tensor's quarters at once: what this
+machine's memory allows), fedmq's fold kernel (``acc += w * x`` and the sum of squares for the
+checks, four streams) and the same fold as one stream (the kernel before it walked quarters).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +116,73 @@ def worker(variant: str, arch_name: str, n: int, pool_size: int, repeat: int) ->
             "peak_over_pool_mb": max(0.0, bench.peak_rss_mb() - base_rss), "pool_rss_mb": base_rss}
 
 
+def _kernel_variants() -> dict[str, Callable[[np.ndarray, np.ndarray, np.float32], object]]:
+    import numba
+
+    flags = {"reassoc", "nsz", "arcp"}  # as aggregator/fold.py
+
+    @numba.njit(nogil=True, fastmath=flags, boundscheck=False)
+    def add_one_stream(acc, x, w):  # pragma: no cover - compiled
+        for i in range(x.size):
+            acc[i] += x[i]
+
+    @numba.njit(nogil=True, fastmath=flags, boundscheck=False)
+    def add_four_streams(acc, x, w):  # pragma: no cover - compiled
+        q = x.size // 4
+        for i in range(q):
+            acc[i] += x[i]
+            acc[q + i] += x[q + i]
+            acc[2 * q + i] += x[2 * q + i]
+            acc[3 * q + i] += x[3 * q + i]
+        for i in range(4 * q, x.size):
+            acc[i] += x[i]
+
+    @numba.njit(nogil=True, fastmath=flags, boundscheck=False)
+    def fold_one_stream(acc, x, w):  # pragma: no cover - compiled
+        squares = np.float32(0.0)
+        for i in range(x.size):
+            v = x[i]
+            squares += v * v
+            acc[i] += w * v
+        return squares
+
+    kernel, name = fold.kernel()
+    if name != "numba":
+        raise SystemExit("--kernels needs numba: pip install 'fedmq[fast]' (or unset FEDMQ_FOLD=numpy)")
+    return {
+        "numpy acc += x": lambda acc, x, w: np.add(acc, x, out=acc),
+        "acc += x, 1 stream": add_one_stream,
+        "acc += x, 4 streams": add_four_streams,
+        "fold, 1 stream": fold_one_stream,
+        "fold kernel (4 streams)": kernel,
+    }
+
+
+def compare_kernels(arch_name: str, pool_size: int, passes: int, per_pass: int) -> list[dict]:
+    """Microseconds per update of each loop over the decoded pool, interleaved pass by pass."""
+    arch = bench.model(arch_name)
+    pool = [decode_frame(p, max_bytes=MAX_BYTES).tensors for p in build_pool(arch_name, pool_size)]
+    tensors = [[x.reshape(-1) for x in update.values()] for update in pool]
+    sums = [np.zeros(int(np.prod(s)), np.float32) for s in arch.param_shapes().values()]
+    variants = _kernel_variants()
+    weight = np.float32(0.5)
+    for fn in variants.values():  # compile and touch everything once
+        for acc, x in zip(sums, tensors[0], strict=True):
+            fn(acc, x, weight)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for index in range(passes):
+        bench.progress(f"  kernels: pass {index + 1} of {passes} ...")
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            for i in range(per_pass):
+                for acc, x in zip(sums, tensors[i % len(tensors)], strict=True):
+                    fn(acc, x, weight)
+            times[name].append((time.perf_counter() - start) / per_pass * 1e6)
+    limit = min(times["numpy acc += x"])
+    return [{"variant": name, "best_us": min(t), "median_us": float(np.median(t)), "vs_numpy_time": min(t) / limit}
+            for name, t in times.items()]
+
+
 def check_same_result(arch_name: str, pool_size: int) -> float:
     """Largest difference between fedmq's mean and the stacked average on a few updates."""
     arch = bench.model(arch_name)
@@ -126,6 +201,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="passes per measurement; the best counts (default 3)")
     parser.add_argument("--stack-max-gb", type=float, default=6.0,
                         help="skip the stack approach when it would need more memory (default 6)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="time the fold kernel against plain adds instead (one process, interleaved; needs numba)")
     parser.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -138,6 +215,17 @@ def main() -> None:
     arch = bench.model(args.model)
     params = arch.num_params()
     print(bench.describe_machine(info))
+    if args.kernels:
+        passes, per_pass = max(args.repeat, 2) * 3, 200
+        print(f"model {args.model}: {params:,} parameters, pool of {args.pool} updates; us per update, "
+              f"{passes} interleaved passes of {per_pass} updates")
+        rows = compare_kernels(args.model, args.pool, passes, per_pass)
+        for row in rows:
+            print(f"{row['variant']:24} best {row['best_us']:8.1f} us  median {row['median_us']:8.1f} us  "
+                  f"{row['vs_numpy_time']:5.2f}x numpy's time", flush=True)
+        bench.write_json(args.json, {"benchmark": "aggregate_core --kernels", "machine": info, "model": args.model,
+                                     "parameters": params, "pool": args.pool, "results": rows})
+        return
     print(f"model {args.model}: {params:,} parameters ({params * 4 / 1e6:.1f} MB as fp32), pool of {args.pool} "
           f"payloads, best of {args.repeat}")
     max_diff = check_same_result(args.model, min(args.pool, 8))

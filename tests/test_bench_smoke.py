@@ -43,6 +43,18 @@ def test_aggregate_core(tmp_path: Path) -> None:
     assert "N=   12  fedmq" in stdout
 
 
+def test_aggregate_core_kernels(tmp_path: Path) -> None:
+    stdout, data = run_bench("aggregate_core.py", "--kernels", "--model", "10k", "--pool", "2", "--repeat", "1",
+                             tmp_path=tmp_path)
+    rows = {r["variant"]: r for r in data["results"]}
+    assert set(rows) == {"numpy acc += x", "acc += x, 1 stream", "acc += x, 4 streams", "fold, 1 stream",
+                         "fold kernel (4 streams)"}
+    assert rows["numpy acc += x"]["vs_numpy_time"] == 1.0
+    for row in rows.values():
+        assert 0 < row["best_us"] <= row["median_us"]
+    assert "fold kernel (4 streams)" in stdout
+
+
 @pytest.mark.broker
 def test_aggregator_ingest(tmp_path: Path) -> None:
     _, data = run_bench("aggregator_ingest.py", "--cases", "10k:20", "--state-dir", str(tmp_path), tmp_path=tmp_path)
