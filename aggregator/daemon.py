@@ -544,6 +544,9 @@ class Aggregator:
             self._save_optimizer_state(version)
         record = self.registry.add(version, model.parent, payload, info)
         self.model, self.model_payload = model, payload
+        # the old round is over (its result taken, or dropped): the new one reuses its buffers.
+        # Safe because every change of round holds self._lock, as every ingest does
+        self.round.release()
         self.round = self._open_round()
         self.journal.open_round(version)  # the registry row exists: the old round is closed for good
         self.journal.prune()
@@ -581,6 +584,7 @@ class Aggregator:
         record = self.registry.add(version, self.model.version, payload, {**info, "stage": "canary", "cohort": list(cohort)})
         self.canary = Canary(version, self.model.version, cohort, time.time())
         self.canary_payload, self._canary_params = payload, params
+        self.round.release()
         self.round = self._open_round()  # held until the decision: the fleet keeps v{baseline}
         self.counters["rollouts_staged"] += 1
         log.info("v%d staged for a cohort of %d device(s) %s; the fleet stays on v%d until they evaluate it",

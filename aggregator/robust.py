@@ -250,6 +250,11 @@ class NormClipping:
     def result(self) -> dict[str, np.ndarray]:
         return self.inner.result()
 
+    def release(self) -> None:
+        release = getattr(self.inner, "release", None)
+        if release is not None:
+            release()
+
 
 def make_accumulator(name: str, shapes: Mapping[str, tuple[int, ...]], **options: Any) -> Accumulator:
     """Build an accumulator from configuration.

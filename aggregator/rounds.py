@@ -88,6 +88,13 @@ class _Collector:
         if check is not None:
             check(self.contribution(update, delta), update.num_examples)
 
+    def release(self) -> None:
+        """The round is over (closed, or replaced): its strategy may hand its buffers to the next
+        round's. Nothing may be added to it afterwards."""
+        release = getattr(self._mean, "release", None)
+        if release is not None:
+            release()
+
     def _fold(self, update: UpdateMessage, delta: Mapping[str, np.ndarray], payload_bytes: int) -> None:
         self._mean.add(self.contribution(update, delta), update.num_examples)
         self._examples += update.num_examples

@@ -7,6 +7,7 @@ the next weights.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 
 import numpy as np
@@ -29,6 +30,34 @@ def value_refusal(delta: Mapping[str, np.ndarray]) -> RejectedMessage:
     exact = sum(float(np.dot(a.reshape(-1).astype(np.float64), a.reshape(-1).astype(np.float64))) for a in delta.values())
     # finite but absurd: a few of these would overflow the float32 model itself
     return RejectedMessage(Reason.NORM, f"update L2 norm {exact ** 0.5:.3g} is over the hard limit {MAX_DELTA_NORM:g}")
+
+
+Buffers = dict[str, np.ndarray]
+
+#: The sums and snapshot buffers of the last released :class:`WeightedMean`, by its shapes: the
+#: next round's mean takes them instead of fresh memory. One set is kept, never more.
+_spare: tuple[tuple[tuple[str, tuple[int, ...]], ...], Buffers, Buffers] | None = None
+_spare_lock = threading.Lock()
+
+
+def _shapes_key(shapes: Mapping[str, tuple[int, ...]]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple((name, tuple(int(d) for d in shape)) for name, shape in shapes.items())
+
+
+def _take_spare(key: tuple[tuple[str, tuple[int, ...]], ...]) -> tuple[Buffers, Buffers] | None:
+    global _spare
+    with _spare_lock:
+        if _spare is None or _spare[0] != key:
+            return None
+        _, sums, snapshot = _spare
+        _spare = None
+        return sums, snapshot
+
+
+def _give_spare(key: tuple[tuple[str, tuple[int, ...]], ...], sums: Buffers, snapshot: Buffers) -> None:
+    global _spare
+    with _spare_lock:
+        _spare = (key, sums, snapshot)
 
 
 def _written_zeros(shape: tuple[int, ...]) -> np.ndarray:
@@ -57,6 +86,11 @@ class WeightedMean:
     the model plus at most ``SNAPSHOT_BYTES`` of recent deltas, whatever the number of updates.
     A refusal costs at most ``SNAPSHOT_EVERY`` folds.
 
+    When its round is over, :meth:`release` hands the two buffers to the next mean of the same
+    shapes (the daemon's next round): fresh memory costs a page fault per page, which on a virtual
+    machine is more than folding a few updates (bench/PERFORMANCE.md). A released mean refuses
+    any further use.
+
     The sums are float32: the arrival order changes the last bits of the result (a restart replays
     the journal in arrival order, so it reproduces them exactly). Deltas must not change after
     they are added.
@@ -68,8 +102,18 @@ class WeightedMean:
     SNAPSHOT_BYTES = 64 * 1024 * 1024
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        self._sums = {name: _written_zeros(shape) for name, shape in shapes.items()}
-        self._snapshot = {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}
+        self._key = _shapes_key(shapes)
+        spare = _take_spare(self._key)
+        if spare is None:
+            self._sums = {name: _written_zeros(shape) for name, shape in shapes.items()}
+            # not read before the first snapshot is taken (zeros until then: see _rewind)
+            self._snapshot = {name: np.empty(shape, dtype=np.float32) for name, shape in shapes.items()}
+        else:
+            self._sums, self._snapshot = spare
+            for acc in self._sums.values():
+                acc.fill(0.0)
+        self._snapshot_taken = False
+        self._released = False
         self._since: list[tuple[Mapping[str, np.ndarray], float]] = []  # added after the snapshot, in order
         self._since_bytes = 0
         self._pending: tuple[Mapping[str, np.ndarray], float] | None = None  # in the sums, not added
@@ -82,7 +126,10 @@ class WeightedMean:
     def _rewind(self) -> None:
         """Make the sums those of the added deltas again, bit for bit."""
         for name, acc in self._sums.items():
-            np.copyto(acc, self._snapshot[name])
+            if self._snapshot_taken:
+                np.copyto(acc, self._snapshot[name])
+            else:  # every delta added so far is in _since
+                acc.fill(0.0)
         for delta, weight in self._since:
             self._fold(delta, weight)
         self._pending = None
@@ -95,6 +142,8 @@ class WeightedMean:
         """
         if not weight > 0:
             raise ValueError(f"weight must be positive, got {weight}")
+        if self._released:
+            raise RuntimeError("this mean was released when its round ended; its buffers belong to another round")
         if self._pending is not None:
             self._rewind()
         squared = self._fold(delta, weight)
@@ -119,13 +168,30 @@ class WeightedMean:
         if len(self._since) >= self.SNAPSHOT_EVERY or self._since_bytes >= self.SNAPSHOT_BYTES:
             for name, acc in self._sums.items():
                 np.copyto(self._snapshot[name], acc)
+            self._snapshot_taken = True
             self._since.clear()
             self._since_bytes = 0
 
     def result(self) -> dict[str, np.ndarray]:
         """The weighted mean; raises if nothing was added."""
+        if self._released:
+            raise RuntimeError("this mean was released when its round ended; take its result before release()")
         if self.count == 0:
             raise ValueError("no update was added")
         if self._pending is not None:
             self._rewind()
         return {name: np.divide(acc, np.float32(self.total_weight), dtype=np.float32) for name, acc in self._sums.items()}
+
+    def release(self) -> None:
+        """End of the round: give the buffers to the next mean of the same shapes.
+
+        Nothing may use this mean afterwards (it raises ``RuntimeError``); arrays returned by
+        :meth:`result` are the caller's own and stay valid.
+        """
+        if self._released:
+            return
+        self._released = True
+        self._since.clear()
+        self._pending = None
+        _give_spare(self._key, self._sums, self._snapshot)
+        self._sums, self._snapshot = {}, {}

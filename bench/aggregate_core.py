@@ -7,12 +7,15 @@ For each N, four ways of reducing N fp32 updates of the same model, each in its 
 that each has its own peak memory), on the same pool of distinct payloads cycled to N:
 
 - ``limit f32``: numpy ``acc += x`` over already-decoded float32 arrays with a float32
-  accumulator: the memory-bandwidth limit of this machine, no checks, no weights.
-- ``limit f64``: the same with a float64 accumulator (fedmq sums in float64 so that the arrival
-  order of updates does not change the result).
+  accumulator, no checks, no weights: the limit the goal is set against (numpy's one sequential
+  pass; ``--kernels`` shows that four streams read this machine's memory faster).
+- ``limit f64``: the same with a float64 accumulator (fedmq summed in float64 before its sums
+  became float32).
 - ``fedmq``: what the aggregator does per update, minus the journal: ``decode_update`` (frame
   and field checks, tensors as views into the payload), ``check_update`` (names, dtypes,
-  shapes, finite values, norm) and the FedAvg accumulator's ``add`` (weighted, float64).
+  shapes) and the FedAvg accumulator's ``check`` and ``add`` (finite values and norm checked in
+  the same pass that folds, weighted, float32 sums); then its ``result()`` and ``release()``
+  (the next pass's mean reuses the buffers, as the daemon's next round does).
 - ``stack``: the common approach: decode every update into its own arrays, stack them and take
   ``np.average(..., weights=...)``. Skipped when its estimated memory is over ``--stack-max-gb``.
 
@@ -73,7 +76,9 @@ def fold_fedmq(pool: list[bytes], n: int, shapes: dict[str, tuple[int, ...]]) ->
                              check_values=not mean.checks_values)
         mean.check(delta, update.num_examples)  # values and norm, before the update may count
         mean.add(delta, update.num_examples)
-    return mean.result()
+    result = mean.result()
+    mean.release()  # as the daemon does when a round closes: the next round's mean takes its buffers
+    return result
 
 
 def fold_stack(pool: list[bytes], n: int, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:

@@ -127,6 +127,26 @@ def test_duplicate_update_id_is_rejected_as_duplicate(aggregator: Aggregator) ->
     assert late.reason == "duplicate"
 
 
+def test_the_next_round_reuses_the_closed_rounds_buffers_from_zero(tmp_path: Path) -> None:
+    agg = Aggregator(make_config(tmp_path, arch=MLPArchitecture(4, (7,), 3)))  # shapes of its own
+    initial = {k: np.array(v) for k, v in agg.model.params.items()}
+    tensors = lambda value: {n: np.full(s, value, np.float32) for n, s in agg.config.arch.param_shapes().items()}  # noqa: E731
+    agg.ingest("d1", update("d1", "a", tensors=tensors(1.0), num_examples=1))
+    agg.ingest("d2", update("d2", "b", tensors=tensors(4.0), num_examples=2))
+    closed = agg.round
+    buffers = list(closed._mean._sums.values())
+    agg.close_round()
+    assert all(any(np.shares_memory(mine, old) for old in buffers) for mine in agg.round._mean._sums.values())
+    with pytest.raises(RuntimeError, match="released"):  # nothing can fold into the closed round any more
+        closed._mean.add(tensors(1.0), 1.0)
+    agg.ingest("d1", update("d1", "c", base=2, tensors=tensors(2.0), num_examples=1))
+    agg.ingest("d2", update("d2", "d", base=2, tensors=tensors(2.0), num_examples=5))
+    agg.close_round()
+    for name, value in initial.items():  # (1*1 + 2*4) / 3, then 2: the reused sums started from zero
+        np.testing.assert_allclose(agg.model.params[name], value + 3.0 + 2.0, rtol=1e-6)
+    agg.registry.close()
+
+
 def test_round_applies_weighted_mean_and_survives_restart(tmp_path: Path) -> None:
     agg = Aggregator(make_config(tmp_path))
     initial = snapshot(agg)

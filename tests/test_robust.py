@@ -395,3 +395,17 @@ def test_robust_aggregation_resists_sign_flipping_clients(digits: tuple, clean_f
     assert attacked >= clean_fedavg - 0.03, (
         f"attacked {strategy} reached {attacked:.4f}, more than 3 points below clean FedAvg ({clean_fedavg:.4f})"
     )
+
+
+def test_norm_clipping_releases_the_mean_it_wraps_and_buffering_strategies_have_nothing_to_release() -> None:
+    shapes = {"w": (5, 3)}
+    inner = WeightedMean(shapes)
+    clip = NormClipping(inner, max_norm=5.0)
+    clip.add({"w": np.ones((5, 3), np.float32)}, 1.0)
+    clip.release()
+    with pytest.raises(RuntimeError, match="released"):
+        clip.add({"w": np.ones((5, 3), np.float32)}, 1.0)
+    median = NormClipping(CoordinateMedian(shapes), max_norm=5.0)
+    median.add({"w": np.ones((5, 3), np.float32)}, 1.0)
+    median.release()  # no buffers to hand over: it keeps working
+    np.testing.assert_array_equal(median.result()["w"], np.ones((5, 3), np.float32))

@@ -11,7 +11,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from fedmq.aggregator import fold
+from fedmq.aggregator import fold, strategy
 from fedmq.aggregator.optimizers import ServerOptimizer
 from fedmq.aggregator.strategy import WeightedMean
 from fedmq.broker.errors import Reason, RejectedMessage
@@ -191,6 +191,80 @@ def test_refused_and_unadded_deltas_leave_bit_identical_sums(position: int) -> N
     assert disturbed.count == clean.count == 45 and disturbed.total_weight == clean.total_weight
     for name, value in disturbed.result().items():
         np.testing.assert_array_equal(value, clean.result()[name])
+
+
+# -- a round's buffers go to the next round ----------------------------------------------------------
+
+RECYCLED = {"w": (64, 32), "b": (32,)}  # shapes no other test uses, so no other mean takes the spare
+
+
+def _delta(seed: int, shapes: dict[str, tuple[int, ...]] = RECYCLED) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+
+
+def _fresh_mean(shapes: dict[str, tuple[int, ...]]) -> WeightedMean:
+    strategy._take_spare(strategy._shapes_key(shapes))  # drop any spare: buffers of its own
+    return WeightedMean(shapes)
+
+
+def test_a_released_mean_hands_its_buffers_to_the_next_and_results_stay_exact() -> None:
+    first = _fresh_mean(RECYCLED)
+    for seed in range(20):  # past a snapshot: both buffers hold data
+        first.add(_delta(seed), 1.0 + seed)
+    kept = first.result()
+    kept_copy = {name: array.copy() for name, array in kept.items()}
+    buffers = [*first._sums.values(), *first._snapshot.values()]
+    first.release()
+
+    second = WeightedMean(RECYCLED)
+    assert all(any(np.shares_memory(mine, old) for old in buffers)
+               for mine in [*second._sums.values(), *second._snapshot.values()]), "fresh memory instead of the spare"
+    reference = _fresh_mean(RECYCLED)
+    assert not any(np.shares_memory(mine, old) for old in buffers for mine in reference._sums.values())
+    for mean in (second, reference):
+        mean.add(_delta(100), 3.0)
+    for name in RECYCLED:  # the recycled sums started from zeros
+        np.testing.assert_array_equal(second.result()[name], reference.result()[name])
+    for mean in (second, reference):
+        # refused after one add: the rewind must start from zeros, not from the recycled snapshot's data
+        poisoned = _delta(101)
+        poisoned["w"][3, 3] = np.nan
+        with pytest.raises(RejectedMessage):
+            mean.check(poisoned, 1.0)
+        mean.add(_delta(102), 2.0)
+    for name in RECYCLED:
+        np.testing.assert_array_equal(second.result()[name], reference.result()[name])
+        np.testing.assert_array_equal(kept[name], kept_copy[name])  # the old result is the caller's own
+    np.testing.assert_array_equal(second.result()["b"], (3 * _delta(100)["b"] + 2 * _delta(102)["b"]) / np.float32(5))
+
+
+def test_a_released_mean_refuses_any_further_use() -> None:
+    mean = _fresh_mean(RECYCLED)
+    mean.add(_delta(1), 1.0)
+    mean.check(_delta(2), 1.0)  # pending: released anyway
+    mean.release()
+    mean.release()  # twice is harmless, and gives nothing away twice
+    for use in (lambda: mean.check(_delta(3), 1.0), lambda: mean.add(_delta(3), 1.0), mean.result):
+        with pytest.raises(RuntimeError, match="released"):
+            use()
+    one = WeightedMean(RECYCLED)
+    other = WeightedMean(RECYCLED)  # only one of them gets the spare
+    assert not any(np.shares_memory(a, b) for a in one._sums.values() for b in other._sums.values())
+    assert one.count == other.count == 0
+    assert {n: a.shape for n, a in one._sums.items()} == {n: a.shape for n, a in other._sums.items()} == RECYCLED
+
+
+def test_a_spare_of_other_shapes_is_not_taken() -> None:
+    first = _fresh_mean(RECYCLED)
+    first.add(_delta(1), 1.0)
+    buffers = list(first._sums.values())
+    first.release()
+    other_shapes = {"w": (32, 64), "b": (32,)}  # same sizes, another shape
+    other = WeightedMean(other_shapes)
+    assert {n: a.shape for n, a in other._sums.items()} == other_shapes
+    assert not any(np.shares_memory(a, b) for a in other._sums.values() for b in buffers)
+    assert WeightedMean(RECYCLED)._sums["w"] is buffers[0]  # still there for a mean of its shapes
 
 
 def test_check_then_add_folds_the_checked_delta_once() -> None:
