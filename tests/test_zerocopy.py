@@ -223,3 +223,21 @@ def test_a_reconnect_mid_body_starts_the_next_packet_afresh(paho_on_socketpair: 
     broker_side.sendall(second)
     client.loop_read()
     assert received == [bytearray(b"\x02" * (zerocopy.LARGE * 3))], "no byte of the broken packet leaks into the next"
+
+
+def test_receive_buffers_are_allocated_without_being_zeroed_first() -> None:
+    # recv_into overwrites every byte, so zeroing a large buffer first (bytearray(n)) is a wasted
+    # pass over fresh memory under the GIL; reused memory shows whether it was zeroed
+    buffer = zerocopy.new_buffer(5)
+    assert type(buffer) is bytearray and len(buffer) == 5
+    buffer[:] = b"abcde"
+    del buffer[-1:]  # what the reader does before paho appends the last byte
+    buffer += b"z"
+    assert buffer == bytearray(b"abcdz")
+    for _ in range(20):
+        filled = bytearray(b"\xab" * 4000)
+        del filled
+        if any(zerocopy.new_buffer(4000)):
+            break
+    else:
+        pytest.fail("every receive buffer came zeroed: the allocation writes the memory first")
