@@ -106,7 +106,7 @@ class WeightedMean:
         spare = _take_spare(self._key)
         if spare is None:
             self._sums = {name: _written_zeros(shape) for name, shape in shapes.items()}
-            # not read before the first snapshot is taken (zeros until then: see _rewind)
+            # not read before the first snapshot is taken (until then a rewind starts from zeros)
             self._snapshot = {name: np.empty(shape, dtype=np.float32) for name, shape in shapes.items()}
         else:
             self._sums, self._snapshot = spare
