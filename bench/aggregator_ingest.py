@@ -33,7 +33,11 @@ to the last update accepted (or received, for ``bare`` and ``receipts``); the ra
 case and mode. Each case also times the journal alone (``journal alone``: the same records in group
 commits of 16, on the same disk, no MQTT): the most updates/s any durable aggregator can accept
 on that disk. "cpu s" is the consumer's CPU time in
-that window, "of it sys" the kernel's share (page faults, socket and journal writes). The journal lives in ``--state-dir``
+that window, "of it sys" the kernel's share (page faults, socket and journal writes), "pub cpu s"
+the publisher's (``live`` only). "all ms/up" is the CPU of every process in the window per update
+(consumer, Mosquitto and, in ``live``, the publisher), and "cpu-bound" the best ``bare`` run's
+"all ms/up" over this row's: the ratio to expect when the cores, not the network or the disk,
+are what bounds the rate (in ``live`` mode the three processes share this machine's cores). The journal lives in ``--state-dir``
 (default: a temporary directory under /var/tmp, on disk; tmpfs would make fsync free).
 """
 
@@ -377,6 +381,13 @@ def journal_only(model_name: str, count: int, state_root: Path) -> dict[str, Any
             "broker_cpu_s": 0.0, "consumer_peak_rss_mb": bench.peak_rss_mb(), "lost": 0, "o_direct": direct}
 
 
+def all_cpu_ms(row: dict[str, Any]) -> float:
+    """CPU per update of every process in the measured window, in ms: the consumer and Mosquitto,
+    and in ``live`` mode the publisher too (in ``backlog`` it published before the clock)."""
+    total = row["consumer_cpu_s"] + row["broker_cpu_s"] + (row["publisher_cpu_s"] if row["mode"] == "live" else 0.0)
+    return total / row["updates"] * 1e3
+
+
 async def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     bench.raise_nofile(4096)
     broker = bench.start_mosquitto()
@@ -405,6 +416,7 @@ async def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                 for row in rows:
                     if row["model"] == model_name and row["mode"] == mode and base is not None:
                         row["vs_bare"] = row["updates_per_s"] / base["updates_per_s"]
+                        row["cpu_bound_vs_bare"] = all_cpu_ms(base) / all_cpu_ms(row)
     finally:
         broker.stop()
         broker.cleanup()
@@ -436,11 +448,14 @@ def main() -> None:
     print(bench.describe_machine(info))
     rows = asyncio.run(run_all(args))
     print(f"{'case':12} {'mode':8} {'consumer':9} {'updates/s':>9} {'MB/s':>7} {'vs bare':>7} {'lost':>4} "
-          f"{'cpu s':>6} {'of it sys':>9} {'broker cpu s':>12} {'peak MB':>8}")
+          f"{'cpu s':>6} {'of it sys':>9} {'broker cpu s':>12} {'pub cpu s':>9} {'all ms/up':>9} {'cpu-bound':>9} "
+          f"{'peak MB':>8}")
     for row in rows:
+        publisher = row.get("publisher_cpu_s", float("nan")) if row["mode"] == "live" else float("nan")
         print(f"{row['model'] + ':' + str(row['updates']):12} {row['mode']:8} {row['consumer']:9} {row['updates_per_s']:9.1f} "
               f"{row['mb_per_s']:7.1f} {row.get('vs_bare', float('nan')):7.2f} {row['lost']:4d} "
               f"{row['consumer_cpu_s']:6.2f} {row['consumer_sys_s']:9.2f} {row['broker_cpu_s']:12.2f} "
+              f"{publisher:9.2f} {all_cpu_ms(row):9.3f} {row.get('cpu_bound_vs_bare', float('nan')):9.2f} "
               f"{row['consumer_peak_rss_mb']:8.0f}")
     bench.write_json(args.json, {"benchmark": "aggregator_ingest", "machine": info, "results": rows})
 

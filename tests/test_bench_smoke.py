@@ -69,6 +69,14 @@ def test_aggregator_ingest(tmp_path: Path) -> None:
         row = rows[mode, "daemon"]
         assert (row["accepted"], row["rejected"], row["lost"], row["rounds_closed"]) == (20, 0, 0, 1), (mode, row)
         assert row["updates_per_s"] > 0 and row["vs_bare"] > 0
+        # the CPU of every process per update (consumer, Mosquitto and, while live, the publisher),
+        # the best bare run's over this row's
+        bare = max((r for r in data["results"] if r["mode"] == mode and r["consumer"] == "bare"),
+                   key=lambda r: r["updates_per_s"])
+        publishing = mode == "live"
+        all_cpu = [r["consumer_cpu_s"] + r["broker_cpu_s"] + (r["publisher_cpu_s"] if publishing else 0.0)
+                   for r in (bare, row)]
+        assert row["cpu_bound_vs_bare"] == pytest.approx(all_cpu[0] / all_cpu[1]) and row["cpu_bound_vs_bare"] > 0
     assert not list(tmp_path.glob("fedmq-ingest-*")), "the journals are removed"
 
 
