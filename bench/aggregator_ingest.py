@@ -416,7 +416,9 @@ async def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                 for row in rows:
                     if row["model"] == model_name and row["mode"] == mode and base is not None:
                         row["vs_bare"] = row["updates_per_s"] / base["updates_per_s"]
-                        row["cpu_bound_vs_bare"] = all_cpu_ms(base) / all_cpu_ms(row)
+                        # (a tiny case can take less than the clock's tick of CPU: no prediction)
+                        row["cpu_bound_vs_bare"] = (all_cpu_ms(base) / all_cpu_ms(row) if all_cpu_ms(row) > 0
+                                                    else float("nan"))
     finally:
         broker.stop()
         broker.cleanup()
