@@ -417,8 +417,8 @@ async def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                     if row["model"] == model_name and row["mode"] == mode and base is not None:
                         row["vs_bare"] = row["updates_per_s"] / base["updates_per_s"]
                         # (a tiny case can take less than the clock's tick of CPU: no prediction)
-                        row["cpu_bound_vs_bare"] = (all_cpu_ms(base) / all_cpu_ms(row) if all_cpu_ms(row) > 0
-                                                    else float("nan"))
+                        own = all_cpu_ms(row)
+                        row["cpu_bound_vs_bare"] = all_cpu_ms(base) / own if own > 0 else float("nan")
     finally:
         broker.stop()
         broker.cleanup()
