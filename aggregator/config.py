@@ -14,11 +14,53 @@ from fedmq.broker.messages import Task
 from fedmq.broker.settings import BrokerSettings
 from fedmq.broker.topics import TopicError, check_name
 
+from .influence import InfluenceSettings
 from .optimizers import ServerOptimizer
 from .rollout import RolloutPolicy
 from .rounds import RoundPolicy, StalenessWeight
 
 DEFAULT_MAX_UPDATE_BYTES = 16 * 1024 * 1024
+
+
+def norm_bound(value: Any) -> float | str:
+    """``rounds.max_norm``: ``"auto"`` (from the fleet's history), ``"off"``, or a positive number
+    (0 also means off, as in configurations written before the bound was on by default)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("auto", "off"):
+            return text
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"must be 'auto', 'off' or a positive number, got {value!r}") from None
+    if type(value) not in (int, float) or not value >= 0 or value != value or value == float("inf"):
+        raise ValueError(f"must be 'auto', 'off' or a positive number, got {value!r}")
+    return "off" if value == 0 else float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateLimits:
+    """Per-device intake limits: a token bucket of ``burst`` updates refilled at ``per_second``
+    (0 = no limit), and the largest retained status a device may keep on the broker."""
+
+    per_second: float = 10.0
+    burst: int = 20
+    max_status_bytes: int = 64 * 1024
+
+    def __post_init__(self) -> None:
+        if not (self.per_second >= 0 and self.burst >= 1 and 1024 <= self.max_status_bytes <= 16 * 1024 * 1024):
+            raise ConfigError("need updates_per_second >= 0, update_burst >= 1 and max_status_bytes from 1 KiB to 16 MiB",
+                              key="limits")
+
+
+@dataclass(frozen=True, slots=True)
+class OpsAuth:
+    """Who may send ops requests: operators whose certificates the fleet CA ``ca_file`` issued
+    (minus the CRL), each request signed (:mod:`fedmq.broker.operators`). ``ca_file=None``: any
+    request that reaches the aggregator's topic is taken (a broker without client certificates)."""
+
+    ca_file: Path | None = None
+    crl_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +86,13 @@ class AggregatorConfig:
     max_update_bytes: int = DEFAULT_MAX_UPDATE_BYTES
     strategy: str = "fedavg"            # fedavg | median | trimmed_mean (aggregator/robust.py)
     trim_fraction: float = 0.2          # trimmed_mean: share dropped at each end per coordinate
-    max_norm: float = 0.0               # > 0: bound each update's L2 norm (norm_mode clip or reject)
+    max_norm: float = 0.0               # > 0: a fixed bound on each update's L2 norm (see influence)
     norm_mode: str = "clip"
+    #: the norm bound and weight cap of every round (aggregator/influence.py); on by default
+    influence: InfluenceSettings = field(default_factory=InfluenceSettings)
+    robust_weighted: bool = True        # median / trimmed_mean weigh updates by their capped example counts
+    limits: UpdateLimits = field(default_factory=UpdateLimits)
+    ops_auth: OpsAuth = field(default_factory=OpsAuth)
     signing_key: Path | None = None     # Ed25519 private key (PEM): models are signed when set
     next_public_key: Path | None = None # announce this public key (PEM) in every model: key rotation
     metrics_host: str = "127.0.0.1"     # Prometheus /metrics address; port 0 = no endpoint
@@ -77,8 +124,8 @@ class AggregatorConfig:
                                   f"({self.buffer_size}): a buffer is published at buffer_size updates",
                                   key="rounds.min_updates")
             if self.strategy != "fedavg":
-                raise ConfigError(f"strategy {self.strategy!r} keeps one update per device and round; async mode "
-                                  "takes several per device: use fedavg with max_norm for robustness",
+                raise ConfigError(f"strategy {self.strategy!r} needs every update of a round at once; async mode "
+                                  "streams: use fedavg, whose norm bound and weight cap are on by default",
                                   key="rounds.strategy")
         for device in self.rollout.cohort:
             try:
@@ -87,6 +134,14 @@ class AggregatorConfig:
                 raise ConfigError(str(exc), key="rollout.cohort") from None
         if self.max_rounds < 0:
             raise ConfigError("must be 0 (forever) or more", key="rounds.max_rounds")
+
+    @property
+    def influence_settings(self) -> InfluenceSettings:
+        """The bounds in force: a ``max_norm`` given to the constructor (tests, older callers) is a fixed bound."""
+        if self.max_norm > 0:
+            return InfluenceSettings(max_norm=self.max_norm, auto_norm=False, norm_factor=self.influence.norm_factor,
+                                     weight_factor=self.influence.weight_factor, max_examples=self.influence.max_examples)
+        return self.influence
 
     def make_optimizer(self) -> ServerOptimizer:
         return ServerOptimizer(self.server_optimizer, lr=self.server_lr, beta1=self.server_beta1,
@@ -146,11 +201,34 @@ class AggregatorConfig:
             server_tau = r.get("server_tau", float, 1e-3)
             strategy = r.get("strategy", str, "fedavg")
             trim_fraction = r.get("trim_fraction", float, 0.2)
-            max_norm = r.get("max_norm", float, 0.0)
+            bound = r.get("max_norm", norm_bound, "auto")
             norm_mode = r.get("norm_mode", str, "clip")
+            influence = InfluenceSettings(
+                max_norm=bound if isinstance(bound, float) else None,
+                auto_norm=bound == "auto",
+                norm_factor=r.get("norm_factor", float, 3.0, check=lambda v: v >= 1, expect="a number >= 1"),
+                weight_factor=r.get("weight_factor", float, 4.0, check=lambda v: v == 0 or v >= 1,
+                                    expect="0 (off) or a number >= 1"),
+                max_examples=r.get("max_examples", int, 0, check=lambda v: v >= 0, expect="0 (off) or a positive integer"),
+            )
+            robust_weighted = r.get("robust_weighted", bool, True)
             lim = top.section("limits")
             max_update_bytes = lim.get("max_update_bytes", int, DEFAULT_MAX_UPDATE_BYTES,
                                        check=lambda v: 1024 <= v <= 256 * 1024 * 1024, expect="1 KiB to 256 MiB")
+            limits = UpdateLimits(
+                per_second=lim.get("updates_per_second", float, 10.0, check=lambda v: v >= 0, expect="0 (no limit) or more"),
+                burst=lim.get("update_burst", int, 20, check=lambda v: v >= 1, expect="an integer >= 1"),
+                max_status_bytes=lim.get("max_status_bytes", int, 64 * 1024, check=lambda v: 1024 <= v <= 16 * 1024 * 1024,
+                                         expect="1 KiB to 16 MiB"),
+            )
+            o = top.section("ops")
+            ops_ca = o.get("ca_file", str, None)
+            if ops_ca is None and broker.cert_file and broker.ca_file:
+                ops_ca = broker.ca_file  # the fleet PKI: operators' certificates come from the same CA
+            ops_crl = o.get("crl_file", str, None)
+            if ops_crl is None and ops_ca is not None and (Path(ops_ca).parent / "crl.pem").exists():
+                ops_crl = str(Path(ops_ca).parent / "crl.pem")
+            ops_auth = OpsAuth(ca_file=Path(ops_ca) if ops_ca else None, crl_file=Path(ops_crl) if ops_crl else None)
             ro = top.section("rollout")
             rollout = RolloutPolicy(
                 cohort=tuple(ro.get("cohort", list, [])),
@@ -173,7 +251,8 @@ class AggregatorConfig:
                 server_optimizer=server_optimizer, server_beta1=server_beta1, server_beta2=server_beta2,
                 server_tau=server_tau,
                 max_update_bytes=max_update_bytes, signing_key=signing_key, strategy=strategy,
-                trim_fraction=trim_fraction, max_norm=max_norm, norm_mode=norm_mode, next_public_key=next_public_key,
+                trim_fraction=trim_fraction, max_norm=0.0, norm_mode=norm_mode, next_public_key=next_public_key,
+                influence=influence, robust_weighted=robust_weighted, limits=limits, ops_auth=ops_auth,
                 metrics_host=metrics_host, metrics_port=metrics_port, rollout=rollout,
             )
             fields.update(overrides)

@@ -11,6 +11,7 @@ import asyncio
 import gc
 import hashlib
 import io
+import json
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -33,13 +34,15 @@ from fedmq.broker.zerocopy import zero_copy
 
 from . import fold
 from .config import AggregatorConfig
-from .intake import check_update, decode_update
+from .influence import InfluenceHistory
+from .intake import DeviceRateLimit, check_update, decode_update, retry_after, salvage_update_id
 from .journal import JournalError, UpdateJournal
 from .metrics import AggregatorMetrics
 from .ops import OpsService
 from .receipts import ReceiptSender
 from .registry import ModelRegistry, RegistryError, VersionRecord
 from .robust import make_accumulator
+from .strategy import WeightedMean
 from .rollout import Canary, Decision
 from .rounds import AsyncBuffer, RoundPolicy, SyncRound
 
@@ -100,6 +103,8 @@ class Aggregator:
         self._stored_canary: VersionRecord | None = None
         self.model, self.model_payload = self._load_or_create_model()
         self._load_optimizer_state()
+        self.history = self._load_history()
+        self.rate_limit = DeviceRateLimit(config.limits.per_second, config.limits.burst, max_devices=DEVICE_STATS_LIMIT)
         self.journal = UpdateJournal(config.state_dir / "journal")
         self.round = self._open_round()
         self._replay_journal()
@@ -196,25 +201,50 @@ class Aggregator:
                 self.optimizer.load_state({k: data[k] for k in data.files})
             log.info("%s state restored for v%d", self.optimizer.name, self.model.version)
 
+    def _history_path(self) -> Path:
+        return self.config.state_dir / "influence.json"
+
+    def _load_history(self) -> InfluenceHistory:
+        """The weights and norms of the fleet's recent accepted updates (they bound every round)."""
+        try:
+            return InfluenceHistory.from_json(json.loads(self._history_path().read_text()))
+        except FileNotFoundError:
+            return InfluenceHistory()
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            log.warning("ignoring unreadable %s (%s); the bounds start from the model's own norm again",
+                        self._history_path(), exc)
+            return InfluenceHistory()
+
+    def _save_history(self, version: int) -> None:
+        # with the version, before its registry row (a crash between the two leaves the history one
+        # round ahead of the resumed version: its bounds differ a little, nothing is lost)
+        write_atomic(self._history_path(), json.dumps({"version": version, **self.history.to_json()}).encode())
+
     def _open_round(self) -> SyncRound | AsyncBuffer:
         self._deadline_warned = False
-        options: dict[str, Any] = {}
-        if self.config.strategy != "fedavg":
+        bounds = self.history.bounds(self.config.influence_settings, self.model.params)
+        accumulator: Any
+        if self.config.strategy == "fedavg":
+            # the norm bound folds into the streaming mean itself (one pass per update, as without it)
+            accumulator = WeightedMean(self._shapes, max_norm=bounds.max_norm, norm_mode=self.config.norm_mode)
+        else:
             # one update per device and the round closes at target_updates: the buffer never overflows
-            options["max_updates"] = self.config.policy.target_updates
-        if self.config.strategy == "trimmed_mean":
-            options["trim_fraction"] = self.config.trim_fraction
-        if self.config.max_norm > 0:
-            options.update(max_norm=self.config.max_norm, norm_mode=self.config.norm_mode)
-        accumulator = make_accumulator(self.config.strategy, self._shapes, **options)
+            options: dict[str, Any] = {"max_updates": self.config.policy.target_updates}
+            if self.config.strategy == "trimmed_mean":
+                options["trim_fraction"] = self.config.trim_fraction
+            if self.config.robust_weighted:
+                options["weighted"] = True
+            if bounds.max_norm is not None:
+                options.update(max_norm=bounds.max_norm, norm_mode=self.config.norm_mode)
+            accumulator = make_accumulator(self.config.strategy, self._shapes, **options)
         if self.config.task.mode == "async":
             policy = RoundPolicy(min_updates=self.config.policy.min_updates, target_updates=self.config.buffer_size,
                                  deadline_s=self.config.policy.deadline_s)
             return AsyncBuffer(self.model.version, self._shapes, policy, opened_at=time.time(),
                                max_staleness=self.config.task.max_staleness, weight=self.config.staleness,
-                               accumulator=accumulator)
+                               accumulator=accumulator, bounds=bounds)
         return SyncRound(self.model.version, self._shapes, self.config.policy, opened_at=time.time(),
-                         accumulator=accumulator)
+                         accumulator=accumulator, bounds=bounds)
 
     def _replay_journal(self) -> None:
         """Rebuild the open round and the de-duplication memory from the journal after a restart."""
@@ -390,11 +420,35 @@ class Aggregator:
             self._ops_tasks.add(task)
             task.add_done_callback(self._ops_tasks.discard)
         elif parsed is not None and parsed.kind == "status" and parsed.fleet == self.config.fleet and parsed.device:
+            size = len(message.payload) if isinstance(message.payload, bytes | bytearray) else 0
+            if size > self.config.limits.max_status_bytes:
+                self._clear_status(client, parsed.device, size)
+                return
             self._on_device_status(parsed.device, message.payload)
             self.ops.observe_status(parsed.device, message.payload, retained=message.retain)
         else:
             self.counters["ignored"] += 1
             log.warning("ignoring message on unexpected topic %s", message.topic)
+
+    def _clear_status(self, client: aiomqtt.Client, device: str, size: int) -> None:
+        """A device parked an oversized status on the broker (delivered to every status reader):
+        replace it with an empty retained message, which deletes it. The broker has no per-topic
+        size limit (``max_packet_size`` must fit the model), so the aggregator enforces this one."""
+        self.counters["statuses_cleared"] += 1
+        self._device_stat(device, "statuses_cleared")
+        self.devices_online.discard(device)
+        log.warning("device %s retained a status of %d bytes (limit %d, [limits] max_status_bytes); clearing it",
+                    device, size, self.config.limits.max_status_bytes)
+        task = asyncio.create_task(client.publish(topics.status_topic(self.config.fleet, device), b"", qos=1, retain=True),
+                                   name="clear-status")
+        self._ops_tasks.add(task)  # type: ignore[arg-type]
+
+        def done(finished: asyncio.Task[Any]) -> None:
+            self._ops_tasks.discard(finished)  # type: ignore[arg-type]
+            if not finished.cancelled() and finished.exception() is not None:
+                log.warning("could not clear the status of %s: %s", device, finished.exception())
+
+        task.add_done_callback(done)
 
     async def _ingest_in_thread(self, batch: list[Incoming]) -> tuple[list[Receipt], list[Incoming]]:
         """:meth:`_ingest_batch` in a worker thread; a cancellation first waits for the thread, so
@@ -464,14 +518,28 @@ class Aggregator:
 
     # -- the sans-IO steps the shell calls -------------------------------------------------------
 
-    def ingest(self, device: str, payload: bytes) -> Receipt | None:
+    def ingest(self, device: str, payload: bytes, now: float | None = None) -> Receipt | None:
         """Check one update from ``device`` and fold it into the open round; return its receipt.
 
-        None means "no answer": the update could not be made durable (journal error), so the
-        device must keep it and send it again later.
+        Every update whose header can be read is answered with a receipt that names its
+        ``update_id``; only ``rate_limited`` is transient (``retry_after_s``), every other
+        rejection is final. None means "no answer": the update could not be made durable
+        (journal error), so the device must keep it and send it again later. ``now`` is the
+        monotonic clock (for the rate limit).
         """
         update_id = ""
         try:
+            wait = self.rate_limit.take(device, time.monotonic() if now is None else now)
+            if wait:
+                update_id = salvage_update_id(payload)
+                self.counters["rate_limited"] += 1
+                self._device_stat(device, "rate_limited")
+                log.debug("update %r from %s rate limited for %.2f s", update_id, device, wait)
+                detail = (f"more than {self.config.limits.burst} updates at once or "
+                          f"{self.config.limits.per_second:g} a second from this device")
+                return Receipt(device, update_id, "rejected", self.model.version, Reason.RATE_LIMITED.value, detail,
+                               retry_after_s=retry_after(wait))
+            update_id = salvage_update_id(payload)  # a refusal below names the update it refuses
             update = decode_update(payload, max_bytes=self.config.max_update_bytes)
             update_id = update.update_id  # from here on, receipts name the update they answer
             delta = check_update(update, topic_device=device, shapes=self._shapes, codec=self.config.task.codec,
@@ -500,6 +568,9 @@ class Aggregator:
             self.counters[f"rejected_{exc.reason.value}"] += 1
             self._device_stat(device, "rejected")
             log.warning("rejected update %r from %s: %s", update_id, device, exc)
+            stats = self.device_stats.get(device)
+            if stats is not None:
+                stats[f"rejected_{exc.reason.value}"] += 1
             return Receipt(device, update_id, "rejected", self.model.version, exc.reason.value, exc.detail)
         except Exception as exc:  # a bug must cost one update, not the daemon
             self.counters["rejected"] += 1
@@ -532,7 +603,7 @@ class Aggregator:
                        cohort: tuple[str, ...] = ()) -> tuple[ModelMessage, bytes]:
         model = ModelMessage(fleet=self.config.fleet, version=version, parent=parent, arch=self.config.arch,
                              task=self.config.task, params=params, created=time.time(), backbone=self.model.backbone,
-                             next_key=self.next_key, cohort=cohort)
+                             next_key=self.next_key, cohort=cohort, stage="candidate" if cohort else "release")
         return model, model.encode(self.signer)
 
     def _make_current(self, params: dict[str, np.ndarray], info: dict[str, Any], *, parent: int | None = None) -> VersionRecord:
@@ -542,6 +613,7 @@ class Aggregator:
         if self.optimizer.name != "sgd":
             # with the version, before its registry row: a restart continues the same trajectory
             self._save_optimizer_state(version)
+        self._save_history(version)
         record = self.registry.add(version, model.parent, payload, info)
         self.model, self.model_payload = model, payload
         # the old round is over (its result taken, or dropped): the new one reuses its buffers.
@@ -561,8 +633,14 @@ class Aggregator:
         params = self.optimizer.step(self.model.params, result.mean_delta)
         info: dict[str, Any] = {
             "updates": result.num_updates, "examples": result.num_examples, "bytes_in": result.bytes_in,
-            "round_seconds": round(time.time() - self.round.opened_at, 3), **result.metrics,
+            "round_seconds": round(time.time() - self.round.opened_at, 3), **self.round.bounds.to_info(),
+            **result.metrics,
         }
+        clipped = getattr(self.round.accumulator, "clipped", 0)
+        if clipped:
+            info["clipped"] = clipped
+            self.counters["updates_clipped"] += clipped
+        self.history.record(result.applied)
         self.metrics.observe_round(info["round_seconds"])
         self.counters["rounds"] += 1
         if self.config.rollout.enabled:
@@ -581,6 +659,7 @@ class Aggregator:
         model, payload = self._model_message(version, self.model.version, params, cohort)
         if self.optimizer.name != "sgd":
             self._save_optimizer_state(version)
+        self._save_history(version)
         record = self.registry.add(version, self.model.version, payload, {**info, "stage": "canary", "cohort": list(cohort)})
         self.canary = Canary(version, self.model.version, cohort, time.time())
         self.canary_payload, self._canary_params = payload, params
@@ -666,7 +745,9 @@ class Aggregator:
             return self._stage(params, {**info, "updates": 0})
         dropped = self.round.count
         self.optimizer = self.config.make_optimizer()
-        record = self._make_current(params, {**info, "updates": 0, "dropped_updates": dropped})
+        # a rollback's parent is the version whose weights it carries (as the canary's roll-back)
+        parent = info.get("rollback_of") if info.get("source") == "rollback" else None
+        record = self._make_current(params, {**info, "updates": 0, "dropped_updates": dropped}, parent=parent)
         version = record.version
         self.counters["replaced"] += 1
         self.counters["dropped_by_replace"] += dropped

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import numpy as np
 
 from fedmq.broker.codecs import get_codec
 from fedmq.broker.errors import Reason, RejectedMessage
-from fedmq.broker.messages import UpdateMessage, decode_message
+from fedmq.broker.messages import _UPDATE_ID, UpdateMessage, decode_message
+from fedmq.broker.wire import peek_header
 
 from .strategy import MAX_DELTA_NORM, value_refusal
 
@@ -39,3 +42,43 @@ def check_update(update: UpdateMessage, *, topic_device: str, shapes: Mapping[st
     if not squared <= MAX_DELTA_NORM ** 2:
         raise value_refusal(delta)
     return delta
+
+
+def salvage_update_id(payload: bytes | bytearray | memoryview) -> str:
+    """The ``update_id`` of an update refused before its fields were read (too large, a bad
+    field), so that its receipt names it and the device can drop it; "" when there is none."""
+    header = peek_header(payload)
+    value = header.get("update_id") if header is not None else None
+    return value if isinstance(value, str) and _UPDATE_ID.fullmatch(value) else ""
+
+
+class DeviceRateLimit:
+    """A token bucket per device: ``burst`` updates at once, refilled at ``per_second`` (sans-IO:
+    the caller passes a monotonic ``now``). Checked before an update is decoded, so a flood from
+    one device costs a dictionary lookup per update, not a decode and a journal write."""
+
+    def __init__(self, per_second: float, burst: int, *, max_devices: int = 100_000) -> None:
+        self.per_second = per_second
+        self.burst = burst
+        self.max_devices = max_devices
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # device -> (tokens, at)
+
+    def take(self, device: str, now: float) -> float:
+        """Take one token for ``device``; return 0.0, or the seconds until one is available."""
+        if self.per_second <= 0:
+            return 0.0
+        tokens, at = self._buckets.pop(device, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.per_second)
+        if tokens >= 1.0:
+            wait, tokens = 0.0, tokens - 1.0
+        else:
+            wait = (1.0 - tokens) / self.per_second
+        self._buckets[device] = (tokens, now)  # most recently used last
+        while len(self._buckets) > self.max_devices:
+            self._buckets.popitem(last=False)
+        return wait if wait > 0 else 0.0
+
+
+def retry_after(wait: float) -> float:
+    """A receipt's retry_after_s for a wait: rounded up to 10 ms, at least 10 ms."""
+    return max(0.01, math.ceil(wait * 100) / 100)

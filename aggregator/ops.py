@@ -9,6 +9,13 @@ client matches answers by the ``request_id`` every answer carries.
 A bad request gets an ``ok=false`` answer that names the problem; nothing a client sends raises
 out of :meth:`OpsService.handle`. Mutating requests (push, rollback) are answered from a small
 cache when QoS 1 delivers them twice, so a re-delivered push never makes two versions.
+
+With the fleet CA configured (``[ops] ca_file``, by default the broker's CA when the aggregator
+itself uses a client certificate), a request counts only when it is signed by an operator
+certificate of that CA (:mod:`fedmq.broker.operators`), names this fleet, was issued at most
+:data:`~fedmq.broker.operators.REQUEST_WINDOW_S` ago and not in the future beyond the clock skew,
+and, for a mutating op, was not seen before: a broker that injects or replays requests gets an
+``ok=false`` answer and changes nothing.
 """
 
 from __future__ import annotations
@@ -25,8 +32,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from fedmq.broker import topics
-from fedmq.broker.errors import FedmqError, RejectedMessage
-from fedmq.broker.messages import DeviceStatus, ModelMessage, OpsRequest, OpsResponse, decode_message
+from fedmq.broker.errors import FedmqError, Reason, RejectedMessage
+from fedmq.broker.messages import MAX_CLOCK_SKEW_S, DeviceStatus, ModelMessage, OpsRequest, OpsResponse, decode_message
+from fedmq.broker.operators import REQUEST_WINDOW_S, OperatorVerifier
 from fedmq.broker.wire import MAX_HEADER_BYTES, decode_frame
 
 from .registry import RegistryError, VersionRecord
@@ -114,6 +122,10 @@ class OpsService:
         #: device -> (state, unix time of the last change seen, or None when only a retained copy was seen)
         self.presence: dict[str, tuple[str, float | None]] = {}
         self._answers: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        auth = aggregator.config.ops_auth
+        self.verifier = OperatorVerifier.from_files(auth.ca_file, auth.crl_file) if auth.ca_file else None
+        #: signed mutating requests seen: (operator, request id) -> issued_at, kept for the freshness window
+        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._ops: dict[str, Callable[[aiomqtt.Client, OpsRequest], Awaitable[tuple[dict[str, Any], dict[str, np.ndarray]]]]] = {
             "status": self._status, "model.list": self._model_list, "model.show": self._model_show,
             "model.get": self._model_get, "model.push": self._model_push, "model.rollback": self._model_rollback,
@@ -187,6 +199,17 @@ class OpsService:
             await self._publish(client, reply_topic, OpsResponse(request.request_id, False, error=error).encode(),
                                 correlation)
             return
+        operator = ""
+        if self.verifier is not None:
+            try:
+                operator = self._authenticate(request, time.time())
+            except RejectedMessage as exc:
+                self.aggregator.counters["ops_unauthenticated"] += 1
+                log.warning("refused ops request %s (%s) from %s: %s", request.request_id, request.op, requester, exc)
+                await self._publish(client, reply_topic,
+                                    OpsResponse(request.request_id, False, error=f"not authenticated: {exc}").encode(),
+                                    correlation)
+                return
         if request.deadline and time.time() > request.deadline + CLOCK_SKEW_S:
             self.aggregator.counters["ops_expired"] += 1
             log.warning("dropping ops request %s (%s) from %s: its client gave up on it long ago", request.request_id,
@@ -194,8 +217,17 @@ class OpsService:
             return
         key = (requester, request.request_id)
         cached = self._answers.get(key)
+        if cached is None and operator and request.op in MUTATING and (operator, request.request_id) in self._seen:
+            self.aggregator.counters["ops_replayed"] += 1
+            log.warning("refused ops request %s (%s) from %s: replayed", request.request_id, request.op, requester)
+            error = f"not authenticated: replayed: request {request.request_id} of {operator} was already done"
+            await self._publish(client, reply_topic, OpsResponse(request.request_id, False, error=error).encode(),
+                                correlation)
+            return
         if cached is None:
-            encoded = await self._answer(client, requester, request)
+            if operator and request.op in MUTATING:
+                self._remember(operator, request)
+            encoded = await self._answer(client, requester, request, operator)
             if request.op in MUTATING:
                 self._answers[key] = encoded
                 while len(self._answers) > ANSWER_CACHE:
@@ -205,13 +237,33 @@ class OpsService:
             encoded = cached
         await self._publish(client, reply_topic, encoded, correlation)
 
-    async def _answer(self, client: aiomqtt.Client, requester: str, request: OpsRequest) -> bytes:
+    def _authenticate(self, request: OpsRequest, now: float) -> str:
+        """The operator who signed ``request``, or ``RejectedMessage`` saying why it does not count."""
+        assert self.verifier is not None
+        operator = self.verifier.verify(request.signed_by, now=now)
+        if request.fleet != self.fleet:
+            raise RejectedMessage(Reason.UNAUTHENTICATED, f"the request is signed for fleet {request.fleet!r}, not {self.fleet!r}")
+        if request.issued_at > now + MAX_CLOCK_SKEW_S:
+            raise RejectedMessage(Reason.REPLAYED, f"issued_at {request.issued_at:.0f} is {request.issued_at - now:.0f} s "
+                                  "in the future (check the operator's clock)")
+        if request.issued_at < now - REQUEST_WINDOW_S:
+            raise RejectedMessage(Reason.REPLAYED, f"issued {now - request.issued_at:.0f} s ago; requests older than "
+                                  f"{REQUEST_WINDOW_S:g} s are refused (a replay, or a clock far behind)")
+        return operator
+
+    def _remember(self, operator: str, request: OpsRequest) -> None:
+        self._seen[(operator, request.request_id)] = request.issued_at
+        oldest = time.time() - REQUEST_WINDOW_S - MAX_CLOCK_SKEW_S
+        while self._seen and (next(iter(self._seen.values())) < oldest or len(self._seen) > 100_000):
+            self._seen.popitem(last=False)
+
+    async def _answer(self, client: aiomqtt.Client, requester: str, request: OpsRequest, operator: str = "") -> bytes:
         self.aggregator.counters["ops_requests"] += 1
         handler = self._ops.get(request.op)
         try:
             if handler is None:
                 raise OpsRefused(f"unknown op {request.op!r}; this aggregator knows {list(OPS)}")
-            result, tensors = await handler(client, request)
+            result, tensors = await handler(client, request if not operator else _signed_as(request, operator))
             response = OpsResponse(request.request_id, True, result, tensors=tensors)
         except (OpsRefused, RegistryError, RejectedMessage) as exc:
             response = OpsResponse(request.request_id, False, error=str(exc))
@@ -347,3 +399,10 @@ def _salvage_request_id(payload: bytes | bytearray) -> str:
     if isinstance(value, str) and 0 < len(value) <= 64 and all(c.isalnum() or c in "_.:-" for c in value):
         return value
     return "unknown"
+
+
+def _signed_as(request: OpsRequest, operator: str) -> OpsRequest:
+    """``request`` with ``reply_to`` replaced by the operator who signed it, for the registry's
+    ``pushed_by`` / ``requested_by`` (the authenticated name, not the one the topic claims)."""
+    return OpsRequest(request.request_id, request.op, operator, request.args, request.deadline, request.tensors,
+                      request.issued_at, request.fleet, request.signed_by)

@@ -22,6 +22,7 @@ import numpy as np
 from fedmq.broker.errors import Reason, RejectedMessage
 from fedmq.broker.messages import UpdateMessage
 
+from .influence import RoundBounds
 from .strategy import WeightedMean
 
 
@@ -48,27 +49,42 @@ class RoundResult:
     num_examples: int
     bytes_in: int
     metrics: dict[str, float] = field(default_factory=dict)   # example-weighted means of device metrics
+    #: (weight, norm) each accepted update was applied with, in arrival order (the fleet's history)
+    applied: list[tuple[float, float]] = field(default_factory=list)
 
 
 class _Collector:
     """What a round and a buffer share: the strategy that folds deltas, the totals, the device
-    metrics and the closing rule (``min_updates``, then ``target_updates`` or the deadline)."""
+    metrics, the closing rule (``min_updates``, then ``target_updates`` or the deadline), and
+    the devices that contributed (one accepted update per device and version, in both modes).
+
+    ``bounds`` (:mod:`.influence`) gives each update's weight: its example count capped relative
+    to the fleet's history, not the count it claims."""
 
     def __init__(self, version: int, shapes: Mapping[str, tuple[int, ...]], policy: RoundPolicy,
-                 opened_at: float, accumulator: Any = None) -> None:
+                 opened_at: float, accumulator: Any = None, bounds: RoundBounds | None = None) -> None:
         self.version = version
+        self.bounds = bounds if bounds is not None else RoundBounds(weight_cap=None, max_norm=None)
+        self._devices: set[str] = set()
+        self._applied: list[tuple[float, float]] = []
         self.policy = policy
         self.opened_at = opened_at
         self.deadline = opened_at + policy.deadline_s
         # any strategy with add/result/count (aggregator/robust.py); FedAvg's streaming mean by default
         self._mean = accumulator if accumulator is not None else WeightedMean(shapes)
         self._examples = 0
+        self._weight = 0.0
         self._bytes = 0
         self._metric_sums: dict[str, float] = {}
 
     @property
     def count(self) -> int:
         return self._mean.count
+
+    @property
+    def accumulator(self) -> Any:
+        """The strategy that folds this round's deltas."""
+        return self._mean
 
     @property
     def checks_values(self) -> bool:
@@ -86,7 +102,16 @@ class _Collector:
         it checks (:class:`WeightedMean`) does the work once."""
         check = getattr(self._mean, "check", None)
         if check is not None:
-            check(self.contribution(update, delta), update.num_examples)
+            check(self.contribution(update, delta), self.weight_of(update))
+
+    def weight_of(self, update: UpdateMessage) -> float:
+        """What ``update`` weighs in this round's mean (its example count, capped)."""
+        return self.bounds.weight(update.num_examples)
+
+    def _check_repeat(self, update: UpdateMessage) -> None:
+        if update.device in self._devices:
+            raise RejectedMessage(Reason.REPEAT, f"device {update.device} already contributed to the round for version "
+                                  f"{self.version}; one update per device and version counts")
 
     def release(self) -> None:
         """The round is over (closed, or replaced): its strategy may hand its buffers to the next
@@ -96,11 +121,18 @@ class _Collector:
             release()
 
     def _fold(self, update: UpdateMessage, delta: Mapping[str, np.ndarray], payload_bytes: int) -> None:
-        self._mean.add(self.contribution(update, delta), update.num_examples)
+        weight = self.weight_of(update)
+        self._mean.add(self.contribution(update, delta), weight)
+        self._devices.add(update.device)
+        norm = getattr(self._mean, "last_norm", None)
+        if norm is None:  # a strategy that does not measure norms: one more pass, for the history
+            norm = math.sqrt(sum(float(np.dot(a.reshape(-1), a.reshape(-1))) for a in self.contribution(update, delta).values()))
+        self._applied.append((weight, float(norm)))
         self._examples += update.num_examples
+        self._weight += weight
         self._bytes += payload_bytes
         for name, value in update.metrics.items():
-            self._metric_sums[name] = self._metric_sums.get(name, 0.0) + value * update.num_examples
+            self._metric_sums[name] = self._metric_sums.get(name, 0.0) + value * weight
 
     def ready(self, now: float) -> bool:
         count = self.count
@@ -111,17 +143,13 @@ class _Collector:
     def result(self) -> RoundResult:
         # device metrics, example-weighted: train_* describe the local training, eval_* the devices'
         # evaluation of the model they started from (this round's version) before training on it
-        metrics = {k if k.startswith("eval_") else f"train_{k}": v / self._examples for k, v in self._metric_sums.items()}
-        return RoundResult(self.version, self._mean.result(), self.count, self._examples, self._bytes, metrics)
+        metrics = {k if k.startswith("eval_") else f"train_{k}": v / self._weight for k, v in self._metric_sums.items()}
+        return RoundResult(self.version, self._mean.result(), self.count, self._examples, self._bytes, metrics,
+                           list(self._applied))
 
 
 class SyncRound(_Collector):
     """The open round for model ``version``."""
-
-    def __init__(self, version: int, shapes: Mapping[str, tuple[int, ...]], policy: RoundPolicy,
-                 opened_at: float, accumulator: Any = None) -> None:
-        super().__init__(version, shapes, policy, opened_at, accumulator)
-        self._devices: set[str] = set()
 
     def check(self, update: UpdateMessage) -> None:
         """Raise :class:`RejectedMessage` if ``update`` cannot join this round."""
@@ -129,14 +157,12 @@ class SyncRound(_Collector):
             raise RejectedMessage(Reason.STALE, f"computed from version {update.base_version}; the round is for version {self.version}")
         if update.base_version > self.version:
             raise RejectedMessage(Reason.FUTURE, f"computed from version {update.base_version}, which was never published (current {self.version})")
-        if update.device in self._devices:
-            raise RejectedMessage(Reason.REPEAT, f"device {update.device} already contributed to the round for version {self.version}")
+        self._check_repeat(update)
 
     def add(self, update: UpdateMessage, delta: Mapping[str, np.ndarray], payload_bytes: int) -> None:
         """Fold a checked update (call :meth:`check` first)."""
         self.check(update)
         self._fold(update, delta, payload_bytes)
-        self._devices.add(update.device)
 
 
 STALENESS_KINDS = ("polynomial", "hinge", "constant")
@@ -188,16 +214,16 @@ class AsyncBuffer(_Collector):
     when ``s > max_staleness`` and as ``future`` when ``b > version``. Its delta is scaled by
     ``weight(s)`` before the strategy folds it with its example count, so the averaged delta is
     ``sum(n_i * w(s_i) * d_i) / sum(n_i)``: stale work moves the model less (FedBuff's rule, with
-    the example weighting of FedAvg). A device may contribute more than once to a buffer (a fast
-    device trains on every new version; its stale and fresh updates both count).
+    the example weighting of FedAvg). A device contributes at most one update to a buffer, as
+    to a sync round: one device cannot fill a buffer and decide a version alone.
     """
 
     def __init__(self, version: int, shapes: Mapping[str, tuple[int, ...]], policy: RoundPolicy,
                  opened_at: float, *, max_staleness: int, weight: StalenessWeight | None = None,
-                 accumulator: Any = None) -> None:
+                 accumulator: Any = None, bounds: RoundBounds | None = None) -> None:
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
-        super().__init__(version, shapes, policy, opened_at, accumulator)
+        super().__init__(version, shapes, policy, opened_at, accumulator, bounds)
         self.max_staleness = max_staleness
         self.weight = weight or StalenessWeight()
         self.staleness_counts: Counter[int] = Counter()
@@ -214,6 +240,7 @@ class AsyncBuffer(_Collector):
         if staleness > self.max_staleness:
             raise RejectedMessage(Reason.STALE, f"computed from version {update.base_version}, {staleness} versions behind "
                                   f"{self.version}; max_staleness is {self.max_staleness}")
+        self._check_repeat(update)
 
     def contribution(self, update: UpdateMessage, delta: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         """``delta`` scaled by the staleness weight; the same object for the same update and delta,

@@ -7,6 +7,7 @@ the next weights.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Mapping
 
@@ -94,6 +95,13 @@ class WeightedMean:
     The sums are float32: the arrival order changes the last bits of the result (a restart replays
     the journal in arrival order, so it reproduces them exactly). Deltas must not change after
     they are added.
+
+    With ``max_norm``, a delta whose L2 norm is over it is scaled down to that norm
+    (``norm_mode="clip"``: folded again with its weight times ``max_norm / norm``, which is the
+    same sum and costs a rewind only for such a delta) or refused with reason ``norm``
+    (``"reject"``); its weight still counts in full in the total, so a clipped update moves the
+    mean by at most its share of the weight times ``max_norm``. :attr:`last_norm` is the norm
+    the last added delta was folded with.
     """
 
     #: The delta's values are checked here; the intake can skip its own pass over them.
@@ -101,7 +109,16 @@ class WeightedMean:
     SNAPSHOT_EVERY = 16
     SNAPSHOT_BYTES = 64 * 1024 * 1024
 
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], *, max_norm: float | None = None,
+                 norm_mode: str = "clip") -> None:
+        if max_norm is not None and not (math.isfinite(max_norm) and max_norm > 0):
+            raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
+        if norm_mode not in ("clip", "reject"):
+            raise ValueError(f"norm mode must be 'clip' or 'reject', got {norm_mode!r}")
+        self.max_norm = max_norm
+        self.norm_mode = norm_mode
+        self.clipped = 0
+        self.last_norm = math.nan
         self._key = _shapes_key(shapes)
         spare = _take_spare(self._key)
         if spare is None:
@@ -116,7 +133,8 @@ class WeightedMean:
         self._released = False
         self._since: list[tuple[Mapping[str, np.ndarray], float]] = []  # added after the snapshot, in order
         self._since_bytes = 0
-        self._pending: tuple[Mapping[str, np.ndarray], float] | None = None  # in the sums, not added
+        # in the sums, not added: (delta, weight, the weight it was folded with, its norm as folded)
+        self._pending: tuple[Mapping[str, np.ndarray], float, float, float] | None = None
         self.total_weight = 0.0
         self.count = 0
 
@@ -150,18 +168,28 @@ class WeightedMean:
         if not squared <= MAX_DELTA_NORM ** 2:
             self._rewind()
             raise value_refusal(delta)
-        self._pending = (delta, float(weight))
+        folded_with, norm = float(weight), math.sqrt(squared)
+        if self.max_norm is not None and norm > self.max_norm:
+            self._rewind()
+            if self.norm_mode == "reject":
+                raise RejectedMessage(Reason.NORM, f"update norm {norm:.6g} exceeds the round's bound {self.max_norm:.6g}")
+            folded_with, norm = float(weight) * (self.max_norm / norm), self.max_norm
+            self._fold(delta, folded_with)
+        self._pending = (delta, float(weight), folded_with, norm)
 
     def add(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
         """Fold ``delta`` (names and shapes already checked) with ``weight`` > 0.
 
         Raises :class:`RejectedMessage`, changing nothing, if its values fail :meth:`check`.
         """
-        pending = self._pending
-        if pending is None or pending[0] is not delta or pending[1] != float(weight):
+        if self._pending is None or self._pending[0] is not delta or self._pending[1] != float(weight):
             self.check(delta, weight)
+        assert self._pending is not None
+        _, _, folded_with, self.last_norm = self._pending
+        if folded_with != float(weight):
+            self.clipped += 1
         self._pending = None
-        self._since.append((delta, float(weight)))
+        self._since.append((delta, folded_with))
         self._since_bytes += sum(array.nbytes for array in delta.values())
         self.total_weight += float(weight)
         self.count += 1

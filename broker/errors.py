@@ -50,7 +50,17 @@ class Reason(StrEnum):
     VERSION = "version"                  # a model that is not newer than the installed one
     NORM = "norm"                        # the update's L2 norm is over the aggregator's bound (reject mode)
     SIGNATURE = "signature"              # a model that is unsigned, signed by an untrusted key, or tampered
+    ROLE = "role"                        # a signed message used outside its role (a canary candidate as a release)
+    FROZEN = "frozen"                    # an operator froze the device on an older version
+    RATE_LIMITED = "rate_limited"        # the device sends updates faster than the aggregator's limit (transient)
+    UNAUTHENTICATED = "unauthenticated"  # an ops request or command without a valid operator signature
+    REPLAYED = "replayed"                # a signed request or command seen before, or outside its freshness window
     INTERNAL = "internal"                # the receiver failed on a valid-looking message (a bug: see its log)
+
+
+#: Reasons that say "not now": the sender keeps the message and sends it again later. Every other
+#: rejection is final for that message (a device drops the update from its outbox).
+TRANSIENT_REASONS = frozenset({Reason.RATE_LIMITED})
 
 
 class RejectedMessage(FedmqError, ValueError):

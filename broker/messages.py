@@ -33,7 +33,12 @@ _UPDATE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MODES = ("sync", "async")
 MAX_COHORT = 1_000           # ids in a candidate's header: well inside the header's 256 KiB and 8,192 entries
 MAX_STALENESS = 1000
-COMMANDS = ("pause", "resume")
+COMMANDS = ("pause", "resume", "freeze", "unfreeze")
+STAGES = ("release", "candidate")
+#: How far in the future (by the receiver's clock) a signed command's or request's ``issued_at``
+#: may be: clocks of Pis without an RTC drift, but a command "from the future" must not outrank
+#: every later one for good.
+MAX_CLOCK_SKEW_S = 120.0
 
 
 # -- field readers: each raises RejectedMessage(FIELD) naming the field -------------------------
@@ -108,6 +113,26 @@ def _metrics(h: Mapping[str, Any], key: str = "metrics", limit: int = MAX_METRIC
             raise RejectedMessage(Reason.FIELD, f"{key}.{name} = {number} is beyond +-{MAX_METRIC:g}")
         out[name] = float(number)
     return out
+
+
+def _signed_by(frame: Frame, keys: set[str]) -> tuple[memoryview, bytes, dict[str, Any]] | None:
+    """(signed bytes, signature, "sig" header) of a signed frame, checked for shape only."""
+    sig = frame.header.get("sig")
+    if sig is None:
+        return None
+    if not (isinstance(sig, dict) and set(sig) == keys):
+        raise RejectedMessage(Reason.FIELD, f"sig must be a map of {' and '.join(sorted(keys))}")
+    if frame.signed is None or frame.signature is None:
+        raise RejectedMessage(Reason.MALFORMED, "signed frame without its signature trailer")
+    return frame.signed, frame.signature, sig
+
+
+def _encode_signed(header: dict[str, Any], tensors: Mapping[str, np.ndarray] | None, signer: Any) -> bytes:
+    """The payload, signed by ``signer`` (an object with ``sig_header()`` and ``sign(bytes)``) when given."""
+    if signer is None:
+        return encode_frame(header, tensors)
+    header["sig"] = signer.sig_header()
+    return encode_frame(header, tensors, sign=signer.sign)
 
 
 def _check_keys(h: Mapping[str, Any], kind: str, required: set[str], optional: set[str] = frozenset()) -> None:
@@ -229,6 +254,10 @@ class ModelMessage:
     next_key: bytes | None = None       # a signed model may announce the fleet's next public key
     #: a candidate on the canary topic names the devices that evaluate it first (staged rollout)
     cohort: tuple[str, ...] = ()
+    #: "release" (the model topic: devices install it) or "candidate" (the canary topic: the
+    #: cohort evaluates it, nobody installs it). Inside the signed bytes, so a signed candidate
+    #: replayed on the model topic is refused.
+    stage: str = "release"
     #: (signed bytes, signature, "sig" header) of a decoded signed model, for verification
     signed_by: tuple[memoryview, bytes, dict[str, Any]] | None = field(default=None, repr=False)
 
@@ -243,16 +272,20 @@ class ModelMessage:
             header["next_key"] = self.next_key
         if self.cohort:
             header["cohort"] = list(self.cohort)  # only on candidates: older readers refuse unknown keys
-        if signer is None:
-            return encode_frame(header, self.params)
-        header["sig"] = {"alg": "ed25519", "key": signer.key_id}
-        return encode_frame(header, self.params, sign=signer.sign)
+        if self.stage != "release":
+            header["stage"] = self.stage
+        return _encode_signed(header, self.params, signer)
+
+    @property
+    def is_candidate(self) -> bool:
+        """A staged-rollout candidate (by its stage, or its cohort for candidates of older aggregators)."""
+        return self.stage == "candidate" or bool(self.cohort)
 
     @classmethod
     def from_frame(cls, frame: Frame) -> ModelMessage:
         h = frame.header
         _check_keys(h, cls.KIND, {"fleet", "version", "parent", "created", "arch", "task"},
-                    {"backbone", "next_key", "sig", "cohort"})
+                    {"backbone", "next_key", "sig", "cohort", "stage"})
         cohort = h.get("cohort", [])
         if not (isinstance(cohort, list) and len(cohort) <= MAX_COHORT):
             raise RejectedMessage(Reason.FIELD, f"cohort must be a list of at most {MAX_COHORT} device ids")
@@ -260,9 +293,8 @@ class ModelMessage:
         next_key = h.get("next_key")
         if next_key is not None and not (isinstance(next_key, bytes) and len(next_key) == 32):
             raise RejectedMessage(Reason.FIELD, "next_key must be the 32 raw bytes of an Ed25519 public key")
-        sig = h.get("sig")
-        if sig is not None and not (isinstance(sig, dict) and set(sig) == {"alg", "key"}):
-            raise RejectedMessage(Reason.FIELD, "sig must be a map of alg and key")
+        signed_by = _signed_by(frame, {"alg", "key"})
+        stage = _choice(h, "stage", STAGES) if "stage" in h else "release"
         version = _int(h, "version", 1, MAX_VERSION)
         parent = _int(h, "parent", 0, version - 1)
         arch = MLPArchitecture.from_wire(_need(h, "arch"))
@@ -288,7 +320,8 @@ class ModelMessage:
             backbone=BackboneRef.from_wire(h["backbone"]) if "backbone" in h else None,
             next_key=next_key,
             cohort=cohort,
-            signed_by=(frame.signed, frame.signature, sig) if sig is not None and frame.signed is not None else None,
+            stage=stage,
+            signed_by=signed_by,
         )
 
 
@@ -342,6 +375,8 @@ class Receipt:
     """The aggregator's answer to one update. ``reason`` is set when ``status`` is ``rejected``.
 
     A ``duplicate`` rejection means the update was already accepted earlier: the device may drop it.
+    Every rejection is final (the device drops the update from its outbox) except one with
+    ``retry_after_s > 0`` (``rate_limited``): the device keeps it and sends it again after that long.
     """
 
     KIND: ClassVar[str] = "receipt"
@@ -351,18 +386,26 @@ class Receipt:
     model_version: int
     reason: str | None = None
     detail: str = ""
+    retry_after_s: float = 0.0
+
+    @property
+    def final(self) -> bool:
+        """Whether the device is done with the update (accepted, or refused for good)."""
+        return not self.retry_after_s > 0
 
     def encode(self) -> bytes:
         header = {"kind": self.KIND, "schema": SCHEMA, "device": self.device, "update_id": self.update_id,
                   "status": self.status, "model_version": self.model_version, "reason": self.reason,
                   "detail": self.detail[:MAX_TEXT]}
+        if self.retry_after_s > 0:
+            header["retry_after_s"] = self.retry_after_s
         return encode_frame(header)
 
     @classmethod
     def from_frame(cls, frame: Frame) -> Receipt:
         h = frame.header
         _no_tensors(frame, cls.KIND)
-        _check_keys(h, cls.KIND, {"device", "update_id", "status", "model_version"}, {"reason", "detail"})
+        _check_keys(h, cls.KIND, {"device", "update_id", "status", "model_version"}, {"reason", "detail", "retry_after_s"})
         status = _choice(h, "status", ("accepted", "rejected"))
         reason = h.get("reason")
         if status == "rejected" and reason not in {r.value for r in Reason}:
@@ -374,6 +417,7 @@ class Receipt:
             model_version=_int(h, "model_version", 0, MAX_VERSION),
             reason=reason if status == "rejected" else None,
             detail=_text(h, "detail", optional=True),
+            retry_after_s=_float(h, "retry_after_s", 0.0, 86400.0) if "retry_after_s" in h else 0.0,
         )
 
 
@@ -392,6 +436,7 @@ class DeviceStatus:
     detail: str = ""
     counters: Mapping[str, float] = field(default_factory=dict)
     paused: bool = False                # an operator paused local training (Command "pause")
+    frozen: int = 0                     # an operator froze the device at this version (Command "freeze"); 0 = not
     #: the device's evaluation of its newest model on local data, before training on it: version,
     #: accuracy, loss, examples; for a canary candidate also baseline_version, baseline_accuracy, baseline_loss
     evaluation: Mapping[str, float] = field(default_factory=dict)
@@ -403,6 +448,8 @@ class DeviceStatus:
                   "counters": dict(self.counters)}
         if self.paused:
             header["paused"] = True  # only when set: older readers refuse unknown keys
+        if self.frozen:
+            header["frozen"] = self.frozen
         if self.evaluation:
             header["evaluation"] = dict(self.evaluation)
         return encode_frame(header)
@@ -413,7 +460,7 @@ class DeviceStatus:
         _no_tensors(frame, cls.KIND)
         _check_keys(h, cls.KIND, {"device", "state"},
                     {"model_version", "software", "platform", "backend", "since", "detail", "counters", "paused",
-                     "evaluation"})
+                     "evaluation", "frozen"})
         if "paused" in h and type(h["paused"]) is not bool:
             raise RejectedMessage(Reason.FIELD, f"paused must be true or false, got {h['paused']!r}")
         return cls(
@@ -427,6 +474,7 @@ class DeviceStatus:
             detail=_text(h, "detail", optional=True),
             counters=_metrics(h, "counters", MAX_COUNTERS),
             paused=bool(h.get("paused", False)),
+            frozen=_int(h, "frozen", 0, MAX_VERSION) if "frozen" in h else 0,
             evaluation=_metrics(h, "evaluation") if "evaluation" in h else {},
         )
 
@@ -468,30 +516,58 @@ class Command:
     """An operator's command to one device (``cmd/{device}``) or to all (``cmd/all``), retained.
 
     ``pause`` stops local training (the device stays online, keeps its model and still sends
-    updates already trained); ``resume`` restarts it. A device obeys the newest command by
-    ``issued_at`` of the two topics, so a fleet-wide resume overrides an older per-device pause.
+    updates already trained); ``resume`` restarts it. ``freeze`` keeps the device on ``version``
+    (it installs nothing newer) until ``unfreeze``. Pause/resume and freeze/unfreeze are two
+    separate settings; for each, a device obeys the newest command by ``issued_at`` of the two
+    topics, so a fleet-wide resume overrides an older per-device pause.
+
+    ``target`` (the device id, or ``all``) and ``fleet`` are inside the signed bytes: a command
+    signed for one device cannot be replayed on ``cmd/all`` or in another fleet. A device that
+    knows the fleet's operator CA obeys only commands signed by an operator certificate of it
+    (:mod:`.operators`), and none whose ``issued_at`` is more than :data:`MAX_CLOCK_SKEW_S` ahead
+    of its clock.
     """
 
     KIND: ClassVar[str] = "command"
-    command: Literal["pause", "resume"]
+    command: Literal["pause", "resume", "freeze", "unfreeze"]
     issued_at: float
     issued_by: str = ""
     reason: str = ""
+    target: str = ""                    # the device id or "all"; "" only from older operators' tools
+    fleet: str = ""
+    version: int = 0                    # freeze: the newest version the device may run
+    signed_by: tuple[memoryview, bytes, dict[str, Any]] | None = field(default=None, repr=False, compare=False)
 
-    def encode(self) -> bytes:
-        return encode_frame({"kind": self.KIND, "schema": SCHEMA, "command": self.command, "issued_at": self.issued_at,
-                             "issued_by": self.issued_by, "reason": self.reason[:MAX_TEXT]})
+    def encode(self, signer: Any = None) -> bytes:
+        header: dict[str, Any] = {"kind": self.KIND, "schema": SCHEMA, "command": self.command,
+                                  "issued_at": self.issued_at, "issued_by": self.issued_by,
+                                  "reason": self.reason[:MAX_TEXT]}
+        for key in ("target", "fleet", "version"):
+            if getattr(self, key):
+                header[key] = getattr(self, key)
+        return _encode_signed(header, None, signer)
 
     @classmethod
     def from_frame(cls, frame: Frame) -> Command:
         h = frame.header
         _no_tensors(frame, cls.KIND)
-        _check_keys(h, cls.KIND, {"command", "issued_at"}, {"issued_by", "reason"})
+        _check_keys(h, cls.KIND, {"command", "issued_at"}, {"issued_by", "reason", "target", "fleet", "version", "sig"})
+        command = _choice(h, "command", COMMANDS)
+        version = _int(h, "version", 1, MAX_VERSION) if "version" in h else 0
+        if command == "freeze" and not version:
+            raise RejectedMessage(Reason.FIELD, "a freeze command needs the version to freeze on")
+        target = _text(h, "target", max_len=64, optional=True)
+        if target and target != "all":
+            target = _device({"device": target})
         return cls(
-            command=_choice(h, "command", COMMANDS),  # type: ignore[arg-type]
+            command=command,  # type: ignore[arg-type]
             issued_at=_float(h, "issued_at", 0.0, 1e11),
             issued_by=_text(h, "issued_by", max_len=64, optional=True),
             reason=_text(h, "reason", optional=True),
+            target=target,
+            fleet=_fleet(h) if "fleet" in h else "",
+            version=version,
+            signed_by=_signed_by(frame, {"alg", "cert"}),
         )
 
 
@@ -530,6 +606,10 @@ class OpsRequest:
     also named by the ResponseTopic property). ``deadline`` (unix time, 0 for none) lets the
     aggregator skip a request that waited in a queue after the client gave up on it. ``tensors``
     carry the weights of ``model.push``.
+
+    A signed request (an operator certificate's key, :mod:`.operators`) also names its ``fleet``
+    and ``issued_at`` inside the signed bytes; an aggregator that knows the operator CA refuses
+    any other request, and one issued outside its freshness window or seen before.
     """
 
     KIND: ClassVar[str] = "ops_request"
@@ -539,16 +619,23 @@ class OpsRequest:
     args: Mapping[str, Any] = field(default_factory=dict)
     deadline: float = 0.0
     tensors: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False)
+    issued_at: float = 0.0
+    fleet: str = ""
+    signed_by: tuple[memoryview, bytes, dict[str, Any]] | None = field(default=None, repr=False)
 
-    def encode(self) -> bytes:
-        header = {"kind": self.KIND, "schema": SCHEMA, "request_id": self.request_id, "op": self.op,
-                  "reply_to": self.reply_to, "args": dict(self.args), "deadline": self.deadline}
-        return encode_frame(header, self.tensors)
+    def encode(self, signer: Any = None) -> bytes:
+        header: dict[str, Any] = {"kind": self.KIND, "schema": SCHEMA, "request_id": self.request_id, "op": self.op,
+                                  "reply_to": self.reply_to, "args": dict(self.args), "deadline": self.deadline}
+        if self.issued_at:
+            header["issued_at"] = self.issued_at
+        if self.fleet:
+            header["fleet"] = self.fleet
+        return _encode_signed(header, self.tensors, signer)
 
     @classmethod
     def from_frame(cls, frame: Frame) -> OpsRequest:
         h = frame.header
-        _check_keys(h, cls.KIND, {"request_id", "op", "reply_to"}, {"args", "deadline"})
+        _check_keys(h, cls.KIND, {"request_id", "op", "reply_to"}, {"args", "deadline", "issued_at", "fleet", "sig"})
         op = _need(h, "op")
         if not isinstance(op, str) or not _OPS_NAME.fullmatch(op):
             raise RejectedMessage(Reason.FIELD, f"op must be 1-32 characters from a-z 0-9 _ ., got {op!r}")
@@ -564,6 +651,9 @@ class OpsRequest:
             args=_ops_args(h.get("args", {})),
             deadline=_float(h, "deadline", 0.0, 1e11) if "deadline" in h else 0.0,
             tensors=frame.tensors,
+            issued_at=_float(h, "issued_at", 0.0, 1e11) if "issued_at" in h else 0.0,
+            fleet=_fleet(h) if "fleet" in h else "",
+            signed_by=_signed_by(frame, {"alg", "cert"}),
         )
 
 

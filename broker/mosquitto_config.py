@@ -23,7 +23,9 @@ Why the device rules use ``%u`` and not ``%c``
 
 ACL semantics (Mosquitto 2.0 ``acl_file``, checked in ``src/security_default.c``)
     * ``topic`` lines after ``user NAME`` apply to that username only; lines before any ``user``
-      line apply to anonymous clients only (none here).
+      line apply to anonymous clients only (none here). A ``user NAME`` block with only
+      ``topic deny #`` takes every right away from NAME, patterns included (measured with
+      2.0.11): that is how a revoked device is shut out (``render_acl(denied_devices=...)``).
     * ``pattern`` lines apply to *every* client, whatever ``user`` block they follow, with ``%u``
       and ``%c`` substituted. So device rights are patterns, and the aggregator and operators get
       them too, for topics named after themselves (``update/aggregator``...). Each privileged
@@ -62,6 +64,9 @@ DEFAULT_MAX_PACKET_BYTES = 64 * 1024 * 1024
 #: The largest packet MQTT can frame: 5-byte fixed header + a 268,435,455-byte remaining length.
 MQTT_MAX_PACKET_BYTES = 268_435_460
 _MIN_PACKET_BYTES = 20  # Mosquitto 2.0.11 refuses smaller values at start-up
+#: Mosquitto's own defaults, written out so that the file says what the broker enforces.
+DEFAULT_MAX_INFLIGHT_MESSAGES = 20
+DEFAULT_MAX_QUEUED_MESSAGES = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +101,10 @@ def render_config(
     max_packet_bytes: int | None = DEFAULT_MAX_PACKET_BYTES,
     pin_client_id: bool = True,
     tls_version: str = "tlsv1.2",
+    crl_file: str | os.PathLike[str] | None = None,
+    max_inflight_messages: int = DEFAULT_MAX_INFLIGHT_MESSAGES,
+    max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
+    max_queued_bytes: int | None = None,
 ) -> str:
     """Return a complete Mosquitto 2.x configuration with one listener for ``fleet``.
 
@@ -109,6 +118,17 @@ def render_config(
     default (off: sessions and queued QoS 1 messages are lost on a broker restart).
     ``max_packet_bytes=None`` leaves Mosquitto's default (no limit). ``pin_client_id`` sets
     ``use_username_as_clientid`` (see the module docstring).
+
+    ``crl_file`` (client certificates only) is the fleet CA's revocation list
+    (:func:`fedmq.broker.pki.crl_file`): Mosquitto refuses a revoked certificate at the TLS
+    handshake. It must exist when Mosquitto starts, and every client is refused while it is
+    expired or not yet valid (:func:`fedmq.broker.pki.revoke` signs it until the CA expires).
+
+    ``max_inflight_messages``, ``max_queued_messages`` (Mosquitto's defaults, 20 and 1000) and
+    ``max_queued_bytes`` (``None``: no byte limit) bound each client's outgoing QoS 1 window and
+    the queue behind it, also while a persistent session is offline; past them Mosquitto drops
+    that client's messages silently. The generated file states these limits, and what Mosquitto
+    cannot limit, in its comments.
 
     Usable as the file of ``mosquitto -c`` or as a drop-in in ``/etc/mosquitto/conf.d/``. Never
     add a second listener next to it: with ``per_listener_settings false`` the ACL and the
@@ -129,6 +149,17 @@ def render_config(
                           key="max_packet_bytes")
     if tls_version not in ("tlsv1.2", "tlsv1.3"):
         raise ConfigError(f"must be 'tlsv1.2' or 'tlsv1.3', got {tls_version!r}", key="tls_version")
+    if crl_file is not None and (tls is None or password_file is not None):
+        raise ConfigError("a CRL applies to client certificates: give it with tls and without password_file",
+                          key="crl_file")
+    for key, value, allow_none in (("max_inflight_messages", max_inflight_messages, False),
+                                   ("max_queued_messages", max_queued_messages, False),
+                                   ("max_queued_bytes", max_queued_bytes, True)):
+        if value is None and allow_none:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            # 0 means "no limit" to Mosquitto: say so with None (max_queued_bytes) instead.
+            raise ConfigError(f"must be a positive integer, got {value!r}", key=key)
 
     if tls is not None and password_file is None:
         auth = "client certificates from the fleet CA; username = certificate CN"
@@ -145,8 +176,30 @@ def render_config(
     ]
     if password_file is not None:
         lines.append(f"password_file {_conf_path(password_file, 'password_file')}")
+    packet_limit = f"max_packet_size {max_packet_bytes} bytes" if max_packet_bytes is not None else "no max_packet_size"
+    queue_bytes = f"max_queued_bytes {max_queued_bytes}" if max_queued_bytes is not None else "no byte limit"
+    lines += [
+        "#",
+        "# What this broker enforces for fedmq (Mosquitto 2.0 has no per-topic and no per-user limits):",
+        f"# - {packet_limit}: any packet of any client, on any topic. A device can therefore publish,",
+        "#   and retain on its own status topic, a message of up to this size; the aggregator caps the",
+        "#   updates it decodes and clears oversized retained device statuses itself.",
+        f"# - per client: max_inflight_messages {max_inflight_messages} outgoing QoS 1 messages, then",
+        f"#   max_queued_messages {max_queued_messages} queued ({queue_bytes}), also while a persistent session",
+        "#   is offline; past that Mosquitto drops that client's messages silently (a device's outbox",
+        "#   publishes an update again until its receipt arrives).",
+        "# - no publish rate limit: an identity may publish and reconnect as often as it likes.",
+    ]
+    if crl_file is not None:
+        lines += ["# - revoked certificates (crlfile, fedmq pki revoke) are refused at the TLS handshake once the",
+                  "#   broker reloaded (SIGHUP) or restarted; a connection opened before stays open, with no topic",
+                  "#   rights once the reloaded ACL denies its identity (see SECURITY.md)."]
+    lines.append("#")
     if max_packet_bytes is not None:
         lines.append(f"max_packet_size {max_packet_bytes}")
+    lines += [f"max_inflight_messages {max_inflight_messages}", f"max_queued_messages {max_queued_messages}"]
+    if max_queued_bytes is not None:
+        lines.append(f"max_queued_bytes {max_queued_bytes}")
     if persistence_dir is not None:
         # Mosquitto concatenates location and file name: the trailing slash is needed.
         lines += ["persistence true", f"persistence_location {_conf_path(persistence_dir, 'persistence_dir').rstrip('/')}/"]
@@ -162,28 +215,42 @@ def render_config(
         ]
         if password_file is None:
             lines += ["require_certificate true", "use_identity_as_username true"]
+            if crl_file is not None:
+                lines.append(f"crlfile {_conf_path(crl_file, 'crl_file')}")
         else:
             lines += ["require_certificate false"]
     return "\n".join(lines) + "\n"
 
 
-def render_acl(fleet: str, *, aggregator: str, operators: list[str] | tuple[str, ...] = ()) -> str:
+def render_acl(fleet: str, *, aggregator: str, operators: list[str] | tuple[str, ...] = (),
+               denied_devices: list[str] | tuple[str, ...] = ()) -> str:
     """Return the ACL file for ``fleet``: what the aggregator, each operator and every device may do.
 
     Devices are every other authenticated identity: they may publish only their own
     ``update/<me>`` and ``status/<me>``, and read the model, artifacts, the aggregator's status,
     their own receipts and commands, and ``cmd/all``.
+
+    ``denied_devices`` (the revoked ones, :func:`fedmq.broker.pki.revoked_device_ids`) get a
+    ``user NAME`` block with ``topic deny #``: no topic at all, whatever the patterns grant
+    (checked with Mosquitto 2.0.11: the user block's deny wins over the ``%u`` patterns, and a
+    reload with SIGHUP applies it to connections already open). That is the second layer behind
+    the CRL, and the only one that reaches a revoked device still connected.
     """
     try:
         topics.check_name(fleet, "fleet")
         topics.check_name(aggregator, "aggregator name")
         for name in operators:
             topics.check_name(name, "operator name")
+        for name in denied_devices:
+            topics.check_device(name)
     except topics.TopicError as exc:
         raise ConfigError(str(exc), key="acl") from exc
     names = [aggregator, *operators]
     if len(set(names)) != len(names):
         raise ConfigError(f"the aggregator and operator names must be distinct, got {names}", key="acl")
+    if privileged := sorted(set(names) & set(denied_devices)):
+        raise ConfigError(f"{privileged} are the aggregator or operators, not devices: they cannot be denied "
+                          "as revoked devices", key="acl")
     if "all" in names:
         raise ConfigError("'all' cannot be an identity: it is the broadcast command topic", key="acl")
 
@@ -220,6 +287,8 @@ def render_acl(fleet: str, *, aggregator: str, operators: list[str] | tuple[str,
         f"topic read {updates}",
         f"topic read {ops_requests}",
         f"topic read {statuses}",
+        # to delete a device's oversized retained status (the broker has no per-topic size limit)
+        f"topic write {statuses}",
         f"topic write {model}",
         f"topic write {canary}",
         f"topic write {artifacts}",
@@ -239,6 +308,9 @@ def render_acl(fleet: str, *, aggregator: str, operators: list[str] | tuple[str,
             f"topic read {aggregator_status}",
             f"topic read {model}",
         ]
+    for name in sorted(set(denied_devices)):
+        lines += ["", "# revoked (fedmq pki revoke): nothing, even while a connection opened before is still up",
+                  f"user {name}", "topic deny #"]
     lines += [
         "",
         "# devices: every other authenticated identity",

@@ -6,6 +6,8 @@ Layout under one directory (what ``deploy/`` and ``fedmq broker config`` expect)
     server/server.pem  server/server.key  the broker's TLS identity (serverAuth)
     devices/<device>.pem  devices/<device>.key     one per device (clientAuth, CN = device id)
     clients/<name>.pem    clients/<name>.key       aggregator and operator identities (clientAuth, CN = name)
+    crl.pem  revoked.json                 revoked device certificates: the CA-signed CRL Mosquitto
+                                          checks (crlfile), and the same with names, times, reasons
 
 Keys are ECDSA P-256, unencrypted PKCS#8 PEM: every OpenSSL that Mosquitto links accepts them for
 TLS, and they are small and fast on a Raspberry Pi. Private keys are written atomically with mode
@@ -28,6 +30,7 @@ import datetime
 import grp
 import hashlib
 import ipaddress
+import json
 import logging
 import os
 import secrets
@@ -36,11 +39,13 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import FedmqError
+from .files import write_private
 from .mosquitto_config import TlsFiles
 from .topics import TopicError, check_device, check_name
 
@@ -51,6 +56,8 @@ CA_KEY = "ca.key"
 SERVER_DIR = "server"
 DEVICES_DIR = "devices"
 CLIENTS_DIR = "clients"
+CRL_FILE = "crl.pem"
+REVOKED_FILE = "revoked.json"
 
 KEY_MODE = 0o600
 GROUP_KEY_MODE = 0o640  # the server key with key_group: readable by the broker's group
@@ -88,35 +95,10 @@ def _now() -> datetime.datetime:
 
 
 def _write_file(path: Path, data: bytes, mode: int, gid: int = -1) -> None:
-    """Atomic write with ``mode`` (and group ``gid``) set on the temporary file before any byte is written.
-
-    ``os.open`` with ``mode`` is subject to the umask, which may only remove bits; ``fchmod``
-    then sets exactly ``mode`` (a 0644 certificate stays 0644 under a 077 umask).
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    """:func:`~fedmq.broker.files.write_private` with exactly ``mode`` (and group ``gid``), creating the directory."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode & 0o600)
-        try:
-            if gid != -1:
-                os.fchown(fd, -1, gid)
-            os.fchmod(fd, mode)
-            with os.fdopen(fd, "wb") as handle:
-                fd = -1  # the file object owns it now
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if fd != -1:
-                os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_private(path, data, mode, gid)
     except OSError as exc:
         raise PkiError(f"cannot write {path}: {exc}") from exc
 
@@ -205,6 +187,9 @@ def init_ca(directory: str | os.PathLike[str], *, fleet: str, days: int = 3650, 
     # Key first: a crash between the two writes leaves no certificate without its key.
     _write_file(files.key, _key_pem(key), KEY_MODE)
     _write_file(files.cert, cert.public_bytes(serialization.Encoding.PEM), CERT_MODE)
+    # An empty CRL from the start: a broker config can always name one (a new CA revokes nothing
+    # of the old one's: the old certificates no longer verify at all).
+    _write_crl(Path(directory), cert, key, [], number=1)
     logger.info("Created fleet CA %s for fleet %s", files.cert, fleet)
     return files
 
@@ -356,7 +341,12 @@ def client_paths(directory: str | os.PathLike[str], name: str) -> tuple[Path, Pa
 def issue_device(
     directory: str | os.PathLike[str], device_id: str, *, days: int = 825, force: bool = False
 ) -> tuple[Path, Path]:
-    """Issue ``devices/<device_id>.pem|key``: CN = device id = MQTT client id, clientAuth."""
+    """Issue ``devices/<device_id>.pem|key``: CN = device id = MQTT client id, clientAuth.
+
+    ``force`` replaces an existing certificate and key; the replaced certificate stays valid
+    until it expires unless it was revoked first (:func:`revoke`). Each certificate has a new
+    random serial, so re-issuing a revoked device id gives it a certificate the CRL does not list.
+    """
     try:
         check_device(device_id)
     except TopicError as exc:
@@ -391,6 +381,221 @@ def issue_client(
     _refuse_existing((cert_path, key_path), f"a certificate for {name!r}", force)
     return _issue(directory, common_name=name, unit=role, usage=ExtendedKeyUsageOID.CLIENT_AUTH,
                   cert_path=cert_path, key_path=key_path, days=days)
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """One revoked device certificate, as recorded in ``revoked.json``."""
+
+    device: str
+    serial: int
+    revoked_at: datetime.datetime
+    reason: str
+
+
+def _crl_path(directory: str | os.PathLike[str]) -> Path:
+    return Path(directory).resolve() / CRL_FILE
+
+
+def _write_crl(directory: Path, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
+               entries: list[x509.RevokedCertificate], *, number: int) -> None:
+    now = _now()
+    # nextUpdate = the CA's own expiry. OpenSSL (so Mosquitto's crlfile check) refuses *every*
+    # client certificate once the CRL it checks against has expired, and nobody re-signs this
+    # CRL on a schedule: a short nextUpdate would lock the whole fleet out one day. Past the CA's
+    # expiry nothing verifies anyway. thisUpdate is backdated like the certificates: a broker
+    # whose clock lags the PKI host would otherwise find the CRL "not yet valid", same lock-out.
+    next_update = max(ca_cert.not_valid_after_utc, now + datetime.timedelta(days=1))
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - _BACKDATE)
+        .next_update(next_update)
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+                ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+            ),
+            critical=False,
+        )
+    )
+    for entry in entries:
+        builder = builder.add_revoked_certificate(entry)
+    crl = builder.sign(ca_key, hashes.SHA256())
+    _write_file(directory / CRL_FILE, crl.public_bytes(serialization.Encoding.PEM), CERT_MODE)
+
+
+def load_crl(directory: str | os.PathLike[str]) -> x509.CertificateRevocationList | None:
+    """The CRL of the PKI in ``directory`` (``None`` when there is no ``crl.pem``), checked against ``ca.pem``.
+
+    :class:`PkiError` when it is unreadable, not issued by this CA, or its signature does not verify
+    (Mosquitto would then refuse every client certificate).
+    """
+    path = Path(directory) / CRL_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise PkiError(f"cannot read {path}: {exc}") from exc
+    ca_file = Path(directory) / CA_CERT
+    try:
+        crl = x509.load_pem_x509_crl(data)
+        ca_cert = x509.load_pem_x509_certificate(ca_file.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise PkiError(f"cannot read the CRL {path} or the CA {ca_file}: {exc}") from exc
+    if crl.issuer != ca_cert.subject or not crl.is_signature_valid(ca_cert.public_key()):  # type: ignore[arg-type]
+        raise PkiError(f"{path} is not signed by the CA {ca_file} (was the CA replaced?); remove it and run "
+                       "`fedmq pki revoke` again for the devices to revoke, or `fedmq broker config` to recreate it empty")
+    return crl
+
+
+def crl_file(directory: str | os.PathLike[str]) -> Path:
+    """The absolute path of the PKI's CRL (``crl.pem``), for Mosquitto's ``crlfile``.
+
+    A PKI directory made before fedmq had revocation has no CRL: an empty one is created then
+    (that needs the CA key; without it, copy ``crl.pem`` from the PKI host). The CRL is checked
+    against ``ca.pem`` (:func:`load_crl`).
+    """
+    path = _crl_path(directory)
+    if load_crl(directory) is None:
+        try:
+            ca_cert, ca_key = load_ca(directory)
+        except PkiError as exc:
+            raise PkiError(f"no {path} and the CA key is not here to create it ({exc}); copy crl.pem from "
+                           "the PKI directory that holds ca.key, or run `fedmq broker config --pki DIR` there") from exc
+        _write_crl(path.parent, ca_cert, ca_key, [], number=1)
+        logger.info("Created an empty CRL %s", path)
+    return path
+
+
+def _serial_hex(serial: int) -> str:
+    return f"{serial:X}"  # as `openssl x509 -noout -serial` prints it
+
+
+def revoked_devices(directory: str | os.PathLike[str]) -> tuple[Revocation, ...]:
+    """Every revocation recorded in ``revoked.json`` of ``directory``, oldest first (none when absent).
+
+    The file, ``{"revoked": [{"device", "serial" (hex), "revoked_at" (ISO 8601 UTC), "reason"}]}``,
+    is the readable side of ``crl.pem``: an entry names the device *certificate* that was revoked.
+    A device id re-issued since then has a new certificate that is valid again; see
+    :func:`revoked_device_ids` for the ids revoked now.
+    """
+    path = Path(directory) / REVOKED_FILE
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return ()
+    except (OSError, ValueError) as exc:
+        raise PkiError(f"cannot read {path}: {exc}") from exc
+    try:
+        return tuple(
+            Revocation(device=str(entry["device"]), serial=int(entry["serial"], 16),
+                       revoked_at=datetime.datetime.fromisoformat(entry["revoked_at"]), reason=str(entry["reason"]))
+            for entry in document["revoked"]
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PkiError(f"{path} is not a fedmq revocation list ({exc!r})") from exc
+
+
+def _write_revoked(directory: Path, revocations: tuple[Revocation, ...]) -> None:
+    document = {"revoked": [
+        {"device": r.device, "serial": _serial_hex(r.serial), "revoked_at": r.revoked_at.isoformat(), "reason": r.reason}
+        for r in revocations
+    ]}
+    _write_file(directory / REVOKED_FILE, (json.dumps(document, indent=2) + "\n").encode("utf-8"), CERT_MODE)
+
+
+def revoked_device_ids(directory: str | os.PathLike[str]) -> list[str]:
+    """The device ids revoked now: a revocation is recorded and the device has no newer certificate.
+
+    A device id re-issued after its revocation (``issue_device(force=True)``) is not in the list.
+    """
+    records = revoked_devices(directory)
+    current: list[str] = []
+    for device in sorted({r.device for r in records}):
+        cert_path, _ = device_paths(directory, device)
+        try:
+            serial = x509.load_pem_x509_certificate(cert_path.read_bytes()).serial_number
+        except FileNotFoundError:
+            current.append(device)  # certificate removed: the revocation stands
+            continue
+        except (OSError, ValueError) as exc:
+            raise PkiError(f"cannot read {cert_path}: {exc}") from exc
+        if any(r.device == device and r.serial == serial for r in records):
+            current.append(device)
+    return current
+
+
+def revoke(directory: str | os.PathLike[str], device_id: str, *, reason: str = "unspecified") -> Revocation:
+    """Revoke the current certificate of ``device_id``: add its serial to ``crl.pem`` and ``revoked.json``.
+
+    The CRL keeps every earlier revocation, is re-signed by the CA key (thisUpdate now, nextUpdate
+    the CA's expiry: see the comment in the code) and written 0644 atomically; ``reason`` is free
+    text kept in ``revoked.json`` only. Revoking a certificate that is already revoked changes
+    nothing and returns the earlier record.
+
+    When it takes effect, as measured with Mosquitto 2.0.11 and the files of ``fedmq broker config``
+    (``tests/test_revocation.py`` checks it):
+
+    * Mosquitto reads ``crlfile`` when it starts and when it reloads its configuration (SIGHUP,
+      ``systemctl reload mosquitto``), never in between: until then the revoked certificate still
+      connects. After the reload its TLS handshake fails ("certificate verify failed").
+    * A connection opened before the reload is *not* closed by it, and the CRL alone leaves it
+      every right: it still publishes. The regenerated ACL (``fedmq broker config`` denies the
+      ids of :func:`revoked_device_ids` every topic) is reloaded by the same SIGHUP and applies to
+      open connections at once: the revoked device's publishes are dropped and nothing more is
+      delivered to it. Only a restart closes that connection.
+    * A reload that cannot read the CRL keeps the previous one (the log says "Unable to load
+      certificate revocation file"); a start without it fails. An expired or not-yet-valid CRL
+      makes Mosquitto refuse *every* client certificate, hence nextUpdate = the CA's expiry.
+
+    :class:`PkiError` for an unknown device id or a certificate this CA did not issue.
+    """
+    try:
+        check_device(device_id)
+    except TopicError as exc:
+        raise PkiError(str(exc)) from exc
+    if not isinstance(reason, str) or not reason.strip() or not reason.isprintable() or len(reason) > 200:
+        raise PkiError(f"reason must be a short line of printable text, got {reason!r}")
+    cert_path, _ = device_paths(directory, device_id)
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except FileNotFoundError:
+        raise PkiError(f"no certificate for device {device_id!r} ({cert_path} is missing): check the id against "
+                       f"the files in {cert_path.parent}; identities in {Path(directory) / CLIENTS_DIR} are "
+                       "not devices") from None
+    except (OSError, ValueError) as exc:
+        raise PkiError(f"cannot read {cert_path}: {exc}") from exc
+    ca_cert, ca_key = load_ca(directory)
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise PkiError(f"{cert_path} was not issued by the CA in {directory}; nothing to revoke there") from exc
+
+    base = Path(directory)
+    crl = load_crl(base)
+    entries = list(crl) if crl is not None else []
+    now = _now()
+    if not any(entry.serial_number == cert.serial_number for entry in entries):
+        entries.append(x509.RevokedCertificateBuilder().serial_number(cert.serial_number).revocation_date(now).build())
+        number = 1
+        if crl is not None:
+            try:
+                number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
+            except x509.ExtensionNotFound:
+                number = len(entries)
+        # CRL first: it is what the broker enforces; revoked.json can be completed by a re-run.
+        _write_crl(base, ca_cert, ca_key, entries, number=number)
+    records = revoked_devices(base)
+    for record in records:
+        if record.serial == cert.serial_number:
+            logger.info("Certificate %s of device %s was already revoked", _serial_hex(record.serial), device_id)
+            return record
+    record = Revocation(device=device_id, serial=cert.serial_number, revoked_at=now, reason=reason)
+    _write_revoked(base, (*records, record))
+    logger.warning("Revoked the certificate %s of device %s (%s)", _serial_hex(cert.serial_number), device_id, reason)
+    return record
 
 
 def server_tls_files(directory: str | os.PathLike[str]) -> TlsFiles:

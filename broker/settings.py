@@ -18,6 +18,7 @@ from paho.mqtt.properties import Properties
 
 from .config import ConfigReader
 from .errors import ConfigError
+from .files import check_private_key_file
 
 Protocol = Literal["auto", "5", "3.1.1"]
 PROTOCOLS: tuple[str, ...] = ("auto", "5", "3.1.1")
@@ -137,11 +138,40 @@ class BrokerSettings:
             kwargs["protocol"] = aiomqtt.ProtocolVersion.V311
             kwargs["clean_session"] = not persistent_session
         if self.tls:
+            kwargs["tls_context"] = self.ssl_context()
+        return aiomqtt.Client(**kwargs)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS context of :meth:`client`: the broker is checked against ``ca_file`` (the system's
+        CAs when ``None``), and ``cert_file``/``key_file`` are our identity when given.
+
+        Read at every (re)connection, so a renewed certificate is picked up. :class:`ConfigError`
+        when a file cannot be loaded, or when the private key can be read or written by other
+        users (:func:`~fedmq.broker.files.check_private_key_file`; a group-readable key is logged).
+        """
+        if self.cert_file:
+            key_path, key = self.key_file, "broker.key_file"
+            if key_path is None and _holds_private_key(self.cert_file):
+                key_path, key = self.cert_file, "broker.cert_file"
+            if key_path is not None:
+                check_private_key_file(key_path, what="the TLS client key", key=key)
+        try:
             context = ssl.create_default_context(cafile=self.ca_file)
             if self.cert_file:
                 context.load_cert_chain(self.cert_file, self.key_file)
-            kwargs["tls_context"] = context
-        return aiomqtt.Client(**kwargs)
+        except OSError as exc:  # ssl.SSLError included
+            raise ConfigError(f"cannot load the TLS files (ca_file={self.ca_file}, cert_file={self.cert_file}, "
+                              f"key_file={self.key_file}): {exc}", key="broker") from None
+        return context
+
+
+def _holds_private_key(path: str) -> bool:
+    """Whether a PEM file carries a private key too (``cert_file`` without ``key_file``)."""
+    try:
+        with open(path, "rb") as handle:
+            return b"PRIVATE KEY-----" in handle.read(1 << 20)
+    except OSError:
+        return False  # load_cert_chain reports it
 
 
 def is_protocol_refusal(exc: BaseException) -> bool:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -24,6 +26,8 @@ from .errors import ConfigError, Reason, RejectedMessage
 from .files import write_atomic
 
 ALGORITHM = "ed25519"
+
+log = logging.getLogger(__name__)
 
 
 def key_id(public_raw: bytes) -> str:
@@ -43,6 +47,9 @@ class SigningKey:
 
     @classmethod
     def from_file(cls, path: str | Path) -> SigningKey:
+        from .files import check_private_key_file
+
+        check_private_key_file(Path(path), what="the model signing key (signing.key_file)")
         try:
             key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
         except (OSError, ValueError, TypeError) as exc:
@@ -62,15 +69,18 @@ class SigningKey:
     def sign(self, data: bytes) -> bytes:
         return self.private.sign(data)
 
+    def sig_header(self) -> dict[str, Any]:
+        """The ``sig`` header field of a frame this key signs."""
+        return {"alg": ALGORITHM, "key": self.key_id}
+
     def write(self, private_path: Path, public_path: Path) -> None:
         """Write the private key (PEM, mode 0600) and the public key (PEM) for provisioning."""
         pem = self.private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                          serialization.NoEncryption())
+        from .files import write_private
+
         private_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(private_path.with_name(f".{private_path.name}.tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-        os.replace(private_path.with_name(f".{private_path.name}.tmp"), private_path)
+        write_private(private_path, pem)  # O_EXCL, mode 0600 before any byte; never through a planted path
         write_atomic(public_path, public_pem(self.public_raw))
 
 
@@ -91,23 +101,57 @@ def load_public_key(path: str | Path) -> bytes:
 
 
 class TrustStore:
-    """The public keys a device accepts models from, persisted in ``path`` (JSON).
+    """The fleet keys a device accepts models from, persisted in ``path`` (JSON): a small root of
+    trust in the spirit of TUF.
 
-    Starts from the provisioned fleet key; keys announced by verified models are added.
+    - ``current``: the key releases are signed with (at first, the provisioned key);
+    - ``next``: the key the current one announced in a model it signed (``next_key``), the
+      signed rotation statement; models signed by it verify too;
+    - ``retired``: keys that a rotation replaced. Once the device installs a model signed by
+      ``next``, that key becomes ``current`` and the old one is retired for good: a model signed
+      by a retired key never verifies again, whatever its version.
+
+    So a device trusts at most two keys at a time, and a stolen old key is worth nothing after a
+    rotation has reached the device.
     """
 
     def __init__(self, path: Path, provisioned: bytes) -> None:
         self.path = Path(path)
-        self.keys: dict[str, bytes] = {key_id(provisioned): provisioned}
+        self.current: bytes = provisioned
+        self.next: bytes | None = None
+        self.retired: dict[str, float] = {}  # key id -> when it was retired (unix time)
         if self.path.exists():
             try:
-                stored = json.loads(self.path.read_text())
-                for hex_key in stored.get("keys", []):
-                    raw = bytes.fromhex(hex_key)
-                    self.keys[key_id(raw)] = raw
-            except (OSError, ValueError) as exc:
+                self._load(json.loads(self.path.read_text()), provisioned)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise ConfigError(f"trust store {self.path} is unreadable ({exc}); remove it to start from the "
                                   "provisioned key only") from None
+
+    def _load(self, stored: dict[str, Any], provisioned: bytes) -> None:
+        if "keys" in stored:  # the format before rotation retired keys: provisioned + announced keys
+            announced = [bytes.fromhex(k) for k in stored["keys"] if bytes.fromhex(k) != provisioned]
+            self.next = announced[-1] if announced else None
+            return
+        current = bytes.fromhex(stored["current"])
+        retired = {str(k): float(v) for k, v in stored.get("retired", {}).items()}
+        if key_id(provisioned) != key_id(current) and key_id(provisioned) not in retired and (
+                stored.get("next") is None or bytes.fromhex(stored["next"]) != provisioned):
+            # the operator provisioned a new fleet key on purpose: it replaces what was stored
+            log.warning("trust store %s names key %s, but the provisioned fleet key is %s: starting from the "
+                        "provisioned key", self.path, key_id(current), key_id(provisioned))
+            self.retired = retired
+            return
+        self.current = current
+        self.next = bytes.fromhex(stored["next"]) if stored.get("next") else None
+        self.retired = retired
+
+    @property
+    def keys(self) -> dict[str, bytes]:
+        """The keys that verify now, by key id."""
+        trusted = {key_id(self.current): self.current}
+        if self.next is not None:
+            trusted[key_id(self.next)] = self.next
+        return trusted
 
     def verify(self, signed: memoryview | bytes | None, signature: bytes | None, sig_header: object) -> str:
         """Check a frame's signature; return the key id. Raises ``RejectedMessage(signature)``."""
@@ -116,6 +160,9 @@ class TrustStore:
         if sig_header.get("alg") != ALGORITHM:
             raise RejectedMessage(Reason.SIGNATURE, f"unsupported signature algorithm {sig_header.get('alg')!r}")
         kid = sig_header.get("key")
+        if isinstance(kid, str) and kid in self.retired:
+            raise RejectedMessage(Reason.SIGNATURE, f"model is signed by key {kid}, which a key rotation retired; "
+                                  f"trusted now: {sorted(self.keys)}")
         raw = self.keys.get(kid) if isinstance(kid, str) else None
         if raw is None:
             raise RejectedMessage(Reason.SIGNATURE, f"model is signed by unknown key {kid!r}; trusted: {sorted(self.keys)}")
@@ -125,12 +172,30 @@ class TrustStore:
             raise RejectedMessage(Reason.SIGNATURE, f"signature does not verify with key {kid} (tampered or forged)") from None
         return kid
 
+    def installed(self, signer_kid: str, announced: bytes | None) -> list[str]:
+        """Record that a model signed by ``signer_kid`` (verified) announcing ``announced`` was
+        installed: rotate when it was signed by the next key, remember a newly announced key.
+        Returns what changed, for the log; persists atomically when anything did."""
+        changes: list[str] = []
+        if self.next is not None and signer_kid == key_id(self.next) and signer_kid != key_id(self.current):
+            old = key_id(self.current)
+            self.retired[old] = time.time()
+            self.current, self.next = self.next, None
+            changes.append(f"key {signer_kid} is now the fleet key; key {old} is retired")
+        if announced is not None and key_id(announced) != key_id(self.current) and key_id(announced) not in self.retired \
+                and (self.next is None or key_id(self.next) != key_id(announced)):
+            self.next = announced
+            changes.append(f"key {key_id(announced)} announced as the next fleet key")
+        if changes:
+            self._save()
+        return changes
+
     def trust(self, public_raw: bytes) -> bool:
-        """Add an announced key (persisted atomically); return whether it was new."""
-        kid = key_id(public_raw)
-        if kid in self.keys:
-            return False
-        self.keys[kid] = public_raw
+        """Accept ``public_raw`` as the announced next key (persisted); return whether it was new."""
+        return bool(self.installed(key_id(self.current), public_raw))
+
+    def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path, json.dumps({"keys": sorted(k.hex() for k in self.keys.values())}).encode())
-        return True
+        write_atomic(self.path, json.dumps({
+            "current": self.current.hex(), "next": self.next.hex() if self.next else None,
+            "retired": self.retired}, sort_keys=True).encode())

@@ -137,21 +137,8 @@ def _unpacker() -> msgpack.Unpacker:
     )
 
 
-def decode_frame(payload: bytes | bytearray | memoryview, *, max_bytes: int) -> Frame:
-    """Decode an untrusted payload of at most ``max_bytes`` into a :class:`Frame`.
-
-    The tensors are read-only views into ``payload`` (no copy); keep the payload alive as long as
-    them, which numpy does by itself through the views' ``base``.
-    """
-    try:
-        view = memoryview(payload).cast("B")
-    except TypeError as exc:
-        raise RejectedMessage(Reason.MALFORMED, f"payload is not bytes: {type(payload).__name__}") from exc
-    size = view.nbytes
-    if size > max_bytes:
-        raise RejectedMessage(Reason.OVERSIZE, f"payload of {size} bytes exceeds the cap of {max_bytes} bytes")
-    if size == 0:
-        raise RejectedMessage(Reason.MALFORMED, "empty payload")
+def _read_header(view: memoryview, size: int) -> tuple[dict[str, Any], int]:
+    """The msgpack header map at the front of ``view`` (``size`` bytes) and where it ends."""
     unpacker = _unpacker()
     # Feed the header in growing slices: the Unpacker copies what it is fed, and a header is a
     # few hundred bytes at the front of a payload of megabytes.
@@ -173,7 +160,36 @@ def decode_frame(payload: bytes | bytearray | memoryview, *, max_bytes: int) -> 
         break
     if not isinstance(header, dict):
         raise RejectedMessage(Reason.MALFORMED, f"header is a {type(header).__name__}, not a map")
-    header_end = unpacker.tell()
+    return header, unpacker.tell()
+
+
+def peek_header(payload: bytes | bytearray | memoryview) -> dict[str, Any] | None:
+    """The header map of a payload that may be refused for other reasons (too large, bad
+    tensors), or None when no header can be read. Reads at most :data:`MAX_HEADER_BYTES`; never
+    raises. For answers that must name what they answer (an update's id, a request's id)."""
+    try:
+        view = memoryview(payload).cast("B")
+        return _read_header(view, view.nbytes)[0] if view.nbytes else None
+    except (TypeError, RejectedMessage):
+        return None
+
+
+def decode_frame(payload: bytes | bytearray | memoryview, *, max_bytes: int) -> Frame:
+    """Decode an untrusted payload of at most ``max_bytes`` into a :class:`Frame`.
+
+    The tensors are read-only views into ``payload`` (no copy); keep the payload alive as long as
+    them, which numpy does by itself through the views' ``base``.
+    """
+    try:
+        view = memoryview(payload).cast("B")
+    except TypeError as exc:
+        raise RejectedMessage(Reason.MALFORMED, f"payload is not bytes: {type(payload).__name__}") from exc
+    size = view.nbytes
+    if size > max_bytes:
+        raise RejectedMessage(Reason.OVERSIZE, f"payload of {size} bytes exceeds the cap of {max_bytes} bytes")
+    if size == 0:
+        raise RejectedMessage(Reason.MALFORMED, "empty payload")
+    header, header_end = _read_header(view, size)
     signed: memoryview | None = None
     signature: bytes | None = None
     if "sig" in header:

@@ -27,6 +27,7 @@ from fedmq.broker.codecs import CODECS, get_codec
 from fedmq.broker.errors import Reason, RejectedMessage
 from fedmq.broker.files import write_atomic
 from fedmq.broker.messages import (
+    MAX_CLOCK_SKEW_S,
     BackboneRef,
     Command,
     DeviceStatus,
@@ -37,7 +38,8 @@ from fedmq.broker.messages import (
 )
 from fedmq.broker.sdnotify import Notifier, watchdog_loop
 from fedmq.broker.session import cancel_tasks, raise_first_failure, run_connected, sleep_or_stop
-from fedmq.broker.signing import TrustStore, key_id, load_public_key
+from fedmq.broker.operators import OperatorVerifier
+from fedmq.broker.signing import TrustStore, load_public_key
 
 from .backends import Backend, BackendError, load_backend
 from .config import AgentConfig
@@ -80,6 +82,9 @@ class Agent:
         self.error_feedback.load(self.state_dir / RESIDUAL_FILE)
         self.trust = (TrustStore(self.state_dir / "trust.json", load_public_key(config.fleet_public_key))
                       if config.fleet_public_key else None)
+        # with the fleet CA known, only commands signed by one of its operator certificates count
+        self.operators = (OperatorVerifier.from_files(config.operator_ca_file, config.operator_crl_file)
+                          if config.operator_ca_file else None)
         self._dataset = dataset
         self.model: ModelMessage | None = None
         self.detail = ""
@@ -108,10 +113,12 @@ class Agent:
         self._since = time.time()
         self._stop = asyncio.Event()
         self.paused = False
+        self.frozen = 0  # an operator's freeze: install nothing newer than this version (0 = none)
         self.evaluation: dict[str, float] = {}  # the newest model's (or candidate's) evaluation on local data
         self._evaluating: set[asyncio.Task[None]] = set()
         self.metrics = AgentMetrics()
-        self._command_at = 0.0  # issued_at of the command in force (newest of cmd/{device} and cmd/all)
+        # issued_at of the command in force per setting (newest of cmd/{device} and cmd/all)
+        self._command_at: dict[str, float] = {"pause": 0.0, "freeze": 0.0}
         self._load_installed_model()
         self._load_command()
 
@@ -133,32 +140,66 @@ class Agent:
             log.warning("%s: ignoring unreadable installed model %s: %s", self.device, path, exc)
 
     def _load_command(self) -> None:
-        # the operator's pause holds across restarts, also before the broker is reachable
+        # the operator's pause and freeze hold across restarts, also before the broker is reachable
         path = self.state_dir / COMMAND_FILE
         try:
             saved = json.loads(path.read_text())
-            self.paused, self._command_at = saved["command"] == "pause", float(saved["issued_at"])
+            if "command" in saved:  # written before freeze existed: one pause/resume
+                saved = {"pause": saved}
+            for setting in ("pause", "freeze"):
+                if setting in saved:
+                    self._command_at[setting] = float(saved[setting]["issued_at"])
+            self.paused = saved.get("pause", {}).get("command") == "pause"
+            self.frozen = int(saved.get("freeze", {}).get("version", 0)) if saved.get("freeze", {}).get("command") == "freeze" else 0
         except FileNotFoundError:
             return
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("%s: ignoring unreadable %s: %s", self.device, path, exc)
 
-    def apply_command(self, payload: bytes) -> Command | None:
-        """Obey an operator command if it is newer than the one in force; return it, or None."""
+    def apply_command(self, payload: bytes, target: str = "", now: float | None = None) -> Command | None:
+        """Obey an operator command received on ``target``'s command topic (this device's id, or
+        ``all``) if it counts and is newer than the one in force for its setting; return it, or None.
+
+        With the fleet's operator CA configured, a command counts only when an operator
+        certificate of that CA signed it for this fleet and this target. Whatever its signature,
+        none from more than :data:`~fedmq.broker.messages.MAX_CLOCK_SKEW_S` in the future counts
+        (it would outrank every later command for good).
+        """
+        now = time.time() if now is None else now
         try:
             command: Command = decode_message(payload, max_bytes=64 * 1024, expect=Command)
+            if self.operators is not None:
+                signer = self.operators.verify(command.signed_by, now=now)
+                if command.fleet != self.config.fleet or not command.target:
+                    raise RejectedMessage(Reason.UNAUTHENTICATED, f"command signed by {signer} names fleet "
+                                          f"{command.fleet!r} and target {command.target!r}, not this fleet and device")
+            if command.target and target and command.target != target:
+                raise RejectedMessage(Reason.REPLAYED, f"command for {command.target!r} arrived on the topic of {target!r}")
+            if command.issued_at > now + MAX_CLOCK_SKEW_S:
+                raise RejectedMessage(Reason.REPLAYED, f"command issued_at is {command.issued_at - now:.0f} s in the future; "
+                                      "check the operator's clock")
         except RejectedMessage as exc:
             self.counters["commands_rejected"] += 1
-            log.warning("%s: unreadable command: %s", self.device, exc)
+            self.counters[f"commands_rejected_{exc.reason.value}"] += 1
+            self.detail = f"refused a command: {exc}"
+            log.warning("%s: refused command: %s", self.device, exc)
             return None
-        if command.issued_at <= self._command_at:
+        setting = "freeze" if command.command in ("freeze", "unfreeze") else "pause"
+        if command.issued_at <= self._command_at[setting]:
             return None  # an older command (the other topic's retained copy): the newer one stands
-        self._command_at = command.issued_at
-        self.paused = command.command == "pause"
-        write_atomic(self.state_dir / COMMAND_FILE,
-                     json.dumps({"command": command.command, "issued_at": command.issued_at}).encode())
+        self._command_at[setting] = command.issued_at
+        if setting == "pause":
+            self.paused = command.command == "pause"
+        else:
+            self.frozen = command.version if command.command == "freeze" else 0
+        saved = {"pause": {"command": "pause" if self.paused else "resume", "issued_at": self._command_at["pause"]},
+                 "freeze": {"command": "freeze" if self.frozen else "unfreeze", "version": self.frozen,
+                            "issued_at": self._command_at["freeze"]}}
+        write_atomic(self.state_dir / COMMAND_FILE, json.dumps(saved).encode())
         self.counters[f"commands_{command.command}"] += 1
-        log.info("%s: %s by %s%s", self.device, "paused" if self.paused else "resumed", command.issued_by or "operator",
+        what = {"pause": "paused", "resume": "resumed", "freeze": f"frozen at v{command.version}",
+                "unfreeze": "unfrozen"}[command.command]
+        log.info("%s: %s by %s%s", self.device, what, command.issued_by or "operator",
                  f": {command.reason}" if command.reason else "")
         if not self.paused:
             self._model_changed.set()  # train on the model in hand if it is new to us
@@ -179,20 +220,29 @@ class Agent:
         model: ModelMessage = decode_message(payload, max_bytes=self.config.max_model_bytes, expect=ModelMessage)
         if model.fleet != self.config.fleet:
             raise RejectedMessage(Reason.FIELD, f"model is for fleet {model.fleet!r}, this device is in {self.config.fleet!r}")
+        if model.is_candidate:
+            raise RejectedMessage(Reason.ROLE, f"v{model.version} is a staged-rollout candidate (cohort "
+                                  f"{list(model.cohort)[:5]}); candidates are evaluated by their cohort, never installed")
         if model.task.codec not in CODECS:
             raise RejectedMessage(Reason.CODEC, f"model v{model.version} asks for codec {model.task.codec!r}, "
                                   f"which this agent does not have (known: {sorted(CODECS)}); upgrade fedmq")
-        if self.trust is not None:
-            self.trust.verify(*(model.signed_by or (None, None, None)))
+        signer = self.trust.verify(*(model.signed_by or (None, None, None))) if self.trust is not None else ""
         if model.version == self.model_version:
             raise AlreadyInstalled(Reason.VERSION, f"model v{model.version} is already installed")
         if model.version < self.model_version:
             raise RejectedMessage(Reason.VERSION, f"model v{model.version} is older than the installed v{self.model_version}: "
                                   "rollback refused")
+        jump = self.config.max_version_jump
+        if jump and self.model_version and model.version > self.model_version + jump:
+            raise RejectedMessage(Reason.VERSION, f"model v{model.version} is more than max_version_jump={jump} versions "
+                                  f"ahead of the installed v{self.model_version}")
+        if self.frozen and model.version > self.frozen:
+            raise RejectedMessage(Reason.FROZEN, f"model v{model.version} not installed: an operator froze this device "
+                                  f"at v{self.frozen} (fedmq fleet unfreeze lifts it)")
         self.model = model
-        if self.trust is not None and model.next_key is not None and self.trust.trust(model.next_key):
-            log.info("%s: v%d announces the next fleet key %s; trusted from now on", self.device, model.version,
-                     key_id(model.next_key))
+        if self.trust is not None:
+            for change in self.trust.installed(signer, model.next_key):
+                log.info("%s: v%d: %s", self.device, model.version, change)
         self.counters["models_installed"] += 1
         self._drop_superseded()
         if self._write_wake is None:
@@ -324,7 +374,7 @@ class Agent:
             device=self.device, state=state, model_version=self.model_version, software=__version__,  # type: ignore[arg-type]
             platform=platform_string(), backend=self.backend.name if self.backend else self.config.backend, since=self._since, detail=self.detail,
             counters={k: float(v) for k, v in sorted(self.counters.items())}, paused=self.paused,
-            evaluation=self.evaluation,
+            evaluation=self.evaluation, frozen=self.frozen,
         )
 
     def evaluate(self, model: ModelMessage) -> tuple[float, float, int]:
@@ -357,6 +407,8 @@ class Agent:
             candidate: ModelMessage = decode_message(payload, max_bytes=self.config.max_model_bytes, expect=ModelMessage)
             if candidate.fleet != self.config.fleet:
                 raise RejectedMessage(Reason.FIELD, f"candidate is for fleet {candidate.fleet!r}")
+            if not candidate.is_candidate:
+                raise RejectedMessage(Reason.ROLE, f"v{candidate.version} on the canary topic is a release, not a candidate")
             if self.trust is not None:
                 self.trust.verify(*(candidate.signed_by or (None, None, None)))
         except RejectedMessage as exc:
@@ -496,6 +548,7 @@ class Agent:
         artifact_filter = topics.artifacts_filter(fleet)
         receipt_topic = topics.receipt_topic(fleet, self.device)
         canary_topic = topics.canary_topic(fleet)
+        broadcast_topic = topics.broadcast_command_topic(fleet)
         async for message in client.messages:
             payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
             self.counters["bytes_received"] += len(payload)
@@ -516,8 +569,9 @@ class Agent:
                     self._evaluating.add(task)
                     task.add_done_callback(self._evaluating.discard)
             elif payload:  # cmd/{device} or cmd/all; an empty payload only clears the retained command
-                if self.apply_command(payload) is not None:
-                    self._status_dirty.set()
+                target = "all" if message.topic.matches(broadcast_topic) else self.device
+                self.apply_command(payload, target)
+                self._status_dirty.set()
 
     def _on_model(self, payload: bytes) -> None:
         try:
@@ -539,6 +593,13 @@ class Agent:
             receipt: Receipt = decode_message(payload, max_bytes=64 * 1024, expect=Receipt)
         except RejectedMessage as exc:
             log.warning("%s: unreadable receipt: %s", self.device, exc)
+            return
+        if not receipt.final:
+            # not now (rate_limited): the update stays in the outbox and goes again when asked
+            if self.outbox.retry_after(receipt.update_id, receipt.retry_after_s):
+                self.counters[f"deferred_{receipt.reason}"] += 1
+                log.debug("%s: update %s deferred %.2f s (%s)", self.device, receipt.update_id, receipt.retry_after_s,
+                          receipt.reason)
             return
         known = self.outbox.forget(receipt.update_id)
         if known:

@@ -34,6 +34,12 @@ class AgentConfig:
     resend_after_s: float = 30.0      # re-publish an update whose receipt has not come after this long
     seed: str | None = None           # shuffling seed for local training; default: the device id
     fleet_public_key: Path | None = None  # Ed25519 public key (PEM): when set, only signed models install
+    #: the fleet CA (PEM) whose operator certificates sign commands: when set, only signed commands
+    #: are obeyed (default: the broker's ca_file when the agent uses a client certificate)
+    operator_ca_file: Path | None = None
+    operator_crl_file: Path | None = None
+    #: refuse a model more than this many versions ahead of the installed one (0 = no bound)
+    max_version_jump: int = 100_000
     metrics_host: str = "127.0.0.1"   # Prometheus /metrics address
     metrics_port: int = 0             # 0 = no metrics endpoint (the default on devices)
     slowdown: float = 1.0             # >1 sleeps (slowdown-1) x the training time after each update: a simulated straggler
@@ -70,12 +76,23 @@ class AgentConfig:
                 resend_after_s=top.get("resend_after_s", float, 30.0, check=lambda v: v > 0, expect="positive"),
                 seed=top.get("seed", str, None),
                 fleet_public_key=Path(k) if (k := top.get("fleet_public_key", str, None)) else None,
+                operator_ca_file=Path(k) if (k := top.get("operator_ca_file", str, None)) else None,
+                operator_crl_file=Path(k) if (k := top.get("operator_crl_file", str, None)) else None,
+                max_version_jump=top.get("max_version_jump", int, 100_000, check=lambda v: v >= 0,
+                                         expect="0 (no bound) or a positive integer"),
                 slowdown=top.get("slowdown", float, 1.0),
                 metrics_host=(met := top.section("metrics")).get("host", str, "127.0.0.1"),
                 metrics_port=met.get("port", int, 0, check=lambda v: 0 <= v < 65536, expect="0 (off) to 65535"),
                 broker=BrokerSettings.from_config(top.section("broker")),
             )
             top.finish()
+            broker = fields["broker"]
+            if fields["operator_ca_file"] is None and broker.cert_file and broker.ca_file:
+                # the fleet PKI: the CA of the broker's certificate issues the operators' too
+                fields["operator_ca_file"] = Path(broker.ca_file)
+                crl = Path(broker.ca_file).parent / "crl.pem"
+                if fields["operator_crl_file"] is None and crl.exists():
+                    fields["operator_crl_file"] = crl
             fields.update(overrides)
             return cls(**fields)
         except ConfigError as exc:

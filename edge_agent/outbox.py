@@ -98,6 +98,15 @@ class Outbox:
         entry.attempts += 1
         entry.next_attempt = now + resend_after_s * min(2 ** (entry.attempts - 1), self.MAX_BACKOFF)
 
+    def retry_after(self, update_id: str, seconds: float, now: float | None = None) -> bool:
+        """The aggregator asked for ``update_id`` again in ``seconds`` (a transient refusal such as
+        ``rate_limited``): keep it and make it due then. Returns whether it is in the outbox."""
+        entry = self._entries.get(update_id)
+        if entry is None:
+            return False
+        entry.next_attempt = (time.monotonic() if now is None else now) + seconds
+        return True
+
     def reset_schedule(self) -> None:
         """Make every entry due now, its back-off started afresh (after a reconnect: the broker may
         have lost in-flight messages, or restarted before the aggregator subscribed again; the

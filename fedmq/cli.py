@@ -162,6 +162,22 @@ def cmd_pki(args: argparse.Namespace) -> int:
     elif args.pki_command == "issue-client":
         cert, key = pki.issue_client(directory, args.name, role=args.role, days=args.days or 825, force=args.force)
         print(f"{args.role} {args.name}: certificate {cert}, key {key}")
+    elif args.pki_command == "revoke":
+        import datetime
+
+        started = datetime.datetime.now(datetime.UTC)
+        for device in args.device:
+            record = pki.revoke(directory, device, reason=args.reason)
+            when = "already revoked" if record.revoked_at < started else "revoked"
+            print(f"device {device}: certificate {record.serial:X} {when} ({record.revoked_at:%Y-%m-%d %H:%M} UTC, "
+                  f"reason: {record.reason})")
+        print(f"updated {pki.crl_file(directory)} and {directory / pki.REVOKED_FILE}\n"
+              "next: on the broker host (copy crl.pem there if the PKI lives elsewhere), regenerate the broker files "
+              "with the same options as before, so that the ACL denies the revoked devices, and reload Mosquitto:\n"
+              f"  fedmq broker config --pki {directory} ... -o /etc/mosquitto/conf.d/fedmq.conf\n"
+              "  systemctl reload mosquitto    # SIGHUP: the CRL refuses new connections, the ACL takes every topic\n"
+              "                                # from a connection already open; restart instead to drop it\n"
+              "see SECURITY.md, \"When a device is stolen\"")
     elif args.pki_command == "signing-key":
         from fedmq.broker.signing import SigningKey
 
@@ -183,11 +199,16 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
     tls = pki.server_tls_files(args.pki) if args.pki else None
     if tls is None and not args.password_file:
         raise FedmqError("fedmq broker config needs --pki DIR (TLS with client certificates) or --password-file FILE")
+    # Client certificates: the CRL refuses revoked ones at the handshake and the ACL denies them
+    # every topic (the only layer that reaches a connection opened before the revocation).
+    with_certificates = tls is not None and not args.password_file
     conf = render_config(fleet=args.fleet, port=args.port, bind=args.bind, tls=tls,
                          password_file=Path(args.password_file).absolute() if args.password_file else None,
                          acl_path=acl_path,
-                         persistence_dir=Path(args.persistence_dir).absolute() if args.persistence_dir else None)
-    acl = render_acl(args.fleet, aggregator=args.aggregator, operators=args.operator or [])
+                         persistence_dir=Path(args.persistence_dir).absolute() if args.persistence_dir else None,
+                         crl_file=pki.crl_file(args.pki) if with_certificates else None)
+    denied = pki.revoked_device_ids(args.pki) if args.pki else []
+    acl = render_acl(args.fleet, aggregator=args.aggregator, operators=args.operator or [], denied_devices=denied)
     acl_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(acl_path, acl.encode())
     acl_path.chmod(0o644)  # Mosquitto reads it after dropping privileges
@@ -195,6 +216,8 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
         write_atomic(Path(args.output), conf.encode())
         Path(args.output).chmod(0o644)
         print(f"wrote {args.output} and {acl_path}", file=sys.stderr)
+    if denied:
+        print(f"revoked devices denied in the ACL: {', '.join(denied)}", file=sys.stderr)
     else:
         sys.stdout.write(conf)
     return 0
@@ -299,6 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     client = pki_action("issue-client", "issue an aggregator or operator client certificate")
     client.add_argument("name")
     client.add_argument("--role", choices=["aggregator", "operator"], required=True)
+    revoke = pki_sub.add_parser(
+        "revoke", help="revoke device certificates (crl.pem, revoked.json)",
+        description="Add the current certificate of each DEVICE to the fleet CA's revocation list (crl.pem, signed "
+        "by ca.key) and to revoked.json. Then regenerate the broker files (fedmq broker config) and reload or restart "
+        "Mosquitto: see SECURITY.md.")
+    revoke.add_argument("--dir", required=True, help="the PKI directory (holds ca.key)")
+    revoke.add_argument("device", nargs="+", help="device ids")
+    revoke.add_argument("--reason", default="unspecified", help="why, for revoked.json (e.g. 'stolen 2024-05-01')")
+    revoke.set_defaults(func=cmd_pki)
     signing = pki_action("signing-key", "create an Ed25519 model signing key pair (NAME.key, NAME.pub)")
     signing.add_argument("--name", default="fleet-signing", help="file name stem (default fleet-signing)")
 

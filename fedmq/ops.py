@@ -38,6 +38,7 @@ from fedmq.broker.messages import (
     OpsResponse,
     decode_message,
 )
+from fedmq.broker.operators import OperatorSigner
 from fedmq.broker.settings import BrokerSettings, is_protocol_refusal
 
 log = logging.getLogger(__name__)
@@ -111,13 +112,17 @@ class FleetStatus:
 class OpsClient:
     """``async with OpsClient(settings, fleet, client_id, timeout) as ops: await ops.request(...)``."""
 
-    def __init__(self, settings: BrokerSettings, fleet: str, client_id: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(self, settings: BrokerSettings, fleet: str, client_id: str | None = None, timeout: float = 10.0,
+                 signer: OperatorSigner | None = None) -> None:
         self.settings = settings
         self.fleet = topics.check_name(fleet, "fleet")
         self.client_id = topics.check_name(client_id or default_client_id(), "ops client id")
         if not (math.isfinite(timeout) and timeout > 0):
             raise OpsError(f"timeout must be a positive number of seconds, got {timeout}")
         self.timeout = timeout
+        #: the operator identity that signs every request and command (None: unsigned, for a
+        #: broker without client certificates, whose aggregator and devices take unsigned ones)
+        self.signer = signer
         self.protocol = ""
         self.statuses: dict[str, DeviceStatus] = {}
         self.changed_at: dict[str, float] = {}     # device -> when this client saw its state change live
@@ -233,8 +238,9 @@ class OpsClient:
         """Send one request to the aggregator and return its answer; raise :class:`OpsError` when
         the aggregator refuses it and :class:`NoAggregator` when none answers in time."""
         request_id = uuid.uuid4().hex
-        request = OpsRequest(request_id, op, self.client_id, dict(args or {}), deadline=time.time() + self.timeout,
-                             tensors=dict(tensors or {}))
+        now = time.time()
+        request = OpsRequest(request_id, op, self.client_id, dict(args or {}), deadline=now + self.timeout,
+                             tensors=dict(tensors or {}), issued_at=now, fleet=self.fleet)
         properties = None
         if self.protocol == "5":
             properties = Properties(PacketTypes.PUBLISH)
@@ -246,8 +252,8 @@ class OpsClient:
         self._pending[request_id] = future
         try:
             async with asyncio.timeout(self.timeout):
-                await self.client.publish(topics.ops_request_topic(self.fleet, self.client_id), request.encode(),
-                                          qos=1, properties=properties)
+                await self.client.publish(topics.ops_request_topic(self.fleet, self.client_id),
+                                          request.encode(self.signer), qos=1, properties=properties)
                 response = await future
         except TimeoutError:
             raise NoAggregator(
@@ -288,13 +294,16 @@ class OpsClient:
             warning = f"{exc}; showing the devices' own status messages only"
         return merge_fleet_status(self.fleet, self.statuses, self.changed_at, answer, self.aggregator_status, warning)
 
-    async def command(self, command: str, device: str | None = None, reason: str = "") -> Command:
-        """Publish a retained pause/resume for ``device`` (or every device) and return it."""
+    async def command(self, command: str, device: str | None = None, reason: str = "", version: int = 0) -> Command:
+        """Publish a retained pause/resume/freeze/unfreeze for ``device`` (or every device), signed
+        by the operator identity when there is one, and return it."""
         topic = topics.command_topic(self.fleet, device) if device else topics.broadcast_command_topic(self.fleet)
-        message = Command(command, issued_at=time.time(), issued_by=self.client_id, reason=reason)  # type: ignore[arg-type]
+        issued_by = self.signer.name if self.signer is not None else self.client_id
+        message = Command(command, issued_at=time.time(), issued_by=issued_by, reason=reason,  # type: ignore[arg-type]
+                          target=device or "all", fleet=self.fleet, version=version)
         try:
             async with asyncio.timeout(self.timeout):
-                await self.client.publish(topic, message.encode(), qos=1, retain=True)
+                await self.client.publish(topic, message.encode(self.signer), qos=1, retain=True)
         except (TimeoutError, aiomqtt.MqttError) as exc:
             raise OpsError(f"cannot publish the {command} command to {topic}: {exc or 'timed out'}") from None
         return message

@@ -21,6 +21,7 @@ import numpy as np
 from fedmq.broker.errors import FedmqError, RejectedMessage
 from fedmq.broker.files import write_atomic
 from fedmq.broker.messages import ModelMessage, decode_message
+from fedmq.broker.operators import OperatorSigner
 from fedmq.broker.settings import BrokerSettings
 
 from .ops import MAX_RESPONSE_BYTES, FleetStatus, OpsClient, OpsError, default_client_id
@@ -108,9 +109,17 @@ def _settings(args: argparse.Namespace) -> BrokerSettings:
     return settings
 
 
+def _signer(args: argparse.Namespace) -> OperatorSigner | None:
+    """The operator identity that signs requests and commands: the TLS client certificate, when
+    it is an operator's (an aggregator that knows the fleet CA refuses unsigned requests)."""
+    if not (args.cert_file and args.key_file):
+        return None
+    return OperatorSigner.from_files(args.cert_file, args.key_file)
+
+
 def _client(args: argparse.Namespace) -> OpsClient:
     fleet = args.fleet or os.environ.get("FEDMQ_FLEET") or "default"
-    return OpsClient(_settings(args), fleet, args.client_id or default_client_id(), args.timeout)
+    return OpsClient(_settings(args), fleet, args.client_id or default_client_id(), args.timeout, signer=_signer(args))
 
 
 def _run(body: Callable[[argparse.Namespace], Awaitable[int]]) -> Callable[[argparse.Namespace], int]:
@@ -171,10 +180,13 @@ async def fleet_watch(args: argparse.Namespace) -> int:
 
 
 async def fleet_command(args: argparse.Namespace) -> int:
+    version = getattr(args, "version", 0) or 0
     async with _client(args) as ops:
-        command = await ops.command(args.ops_command, args.device, args.reason or "")
+        command = await ops.command(args.ops_command, args.device, args.reason or "", version=version)
     target = f"device {args.device}" if args.device else f"every device of fleet {ops.fleet}"
-    print(f"{command.command} sent to {target} (retained; devices obey the newest command)")
+    what = f"freeze at v{version}" if command.command == "freeze" else command.command
+    signed = f"signed by {ops.signer.name}" if ops.signer is not None else "unsigned: devices that know the fleet CA ignore it"
+    print(f"{what} sent to {target} (retained, {signed}; devices obey the newest command)")
     return 0
 
 
@@ -364,10 +376,14 @@ def add_ops_commands(sub: Any) -> None:
     watch.add_argument("--interval", type=float, default=2.0, help="seconds between redraws (default 2)")
     watch.add_argument("--count", type=_positive_int, default=0, help="stop after N redraws (default: never)")
     for name, text in (("pause", "stop local training (retained command; devices stay online)"),
-                       ("resume", "restart local training")):
+                       ("resume", "restart local training"),
+                       ("freeze", "keep devices on --version: they install nothing newer until unfreeze"),
+                       ("unfreeze", "lift a freeze: devices install the newest model again")):
         command = leaf(fleet_sub, name, fleet_command, text)
         command.add_argument("--device", help="one device (default: every device, via cmd/all)")
         command.add_argument("--reason", help="why (shown in the devices' logs)")
+        if name == "freeze":
+            command.add_argument("--version", type=_positive_int, required=True, help="the newest version devices may run")
 
     model = sub.add_parser("model", help="model versions: list, show, export, push, rollback",
                            description="The aggregator's model registry, over MQTT.")

@@ -62,8 +62,10 @@ class SecureFleet:
         broker_dir = self.workdir / "mosquitto"
         broker_dir.mkdir(parents=True, exist_ok=True)
         acl = broker_dir / "fedmq.acl"
-        acl.write_text(render_acl(self.fleet, aggregator=self.aggregator, operators=[self.observer]))
-        conf = render_config(fleet=self.fleet, port=self.port, tls=pki.server_tls_files(self.pki_dir), acl_path=acl)
+        acl.write_text(render_acl(self.fleet, aggregator=self.aggregator, operators=[self.observer],
+                                  denied_devices=pki.revoked_device_ids(self.pki_dir)))
+        conf = render_config(fleet=self.fleet, port=self.port, tls=pki.server_tls_files(self.pki_dir), acl_path=acl,
+                             crl_file=pki.crl_file(self.pki_dir))
         if os.geteuid() == 0:
             conf += "user root\n"  # as root Mosquitto would drop to 'mosquitto', which cannot read the demo's keys
         (broker_dir / "mosquitto.conf").write_text(conf)

@@ -113,3 +113,13 @@ def shard_agents(fleet: str, shards: list, x: object, y: object, directory: obje
         agents.append(Agent(AgentConfig(device_id=f"{fleet}-a{i}", fleet=fleet, state_dir=directory / f"agent{i}",  # type: ignore[operator]
                                         data=path, broker=broker, **config)))  # type: ignore[arg-type]
     return agents
+
+
+def unbounded() -> dict:
+    """AggregatorConfig fields that switch off the per-device bounds (norm bound, weight cap,
+    rate limit): for tests that pin the aggregation maths or the intake with hand-computed
+    values, and flood from one device on purpose. The bounds have tests of their own."""
+    from fedmq.aggregator.config import UpdateLimits
+    from fedmq.aggregator.influence import InfluenceSettings
+
+    return {"influence": InfluenceSettings(auto_norm=False, weight_factor=0), "limits": UpdateLimits(per_second=0)}

@@ -274,6 +274,9 @@ class FleetProcesses:
             + f"[model]\ninputs = {s.arch.inputs}\nhidden = [{hidden}]\nclasses = {s.arch.classes}\nseed = {s.model_seed}\n"
             f"[task]\nepochs = {s.epochs}\nbatch_size = {s.batch_size}\nlr = {s.lr}\ndeadline_s = 600\n"
             f"[rounds]\nmin_updates = {len(self.agents)}\ntarget_updates = {len(self.agents)}\nmax_rounds = {s.rounds}\n"
+            # the replay in reference_models() is plain FedAvg: no norm bound, no weight cap (the
+            # bounds are tested in test_influence.py and test_attacks.py; exactly-once does not depend on them)
+            'max_norm = "off"\nweight_factor = 0\n'
         )
         for agent in self.agents:
             agent.config.write_text(

@@ -10,6 +10,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
+from conftest import unbounded
 
 from fedmq.aggregator.config import AggregatorConfig
 from fedmq.aggregator.daemon import Aggregator
@@ -23,7 +24,7 @@ ARCH = MLPArchitecture(4, (3,), 2)
 
 def make_config(tmp_path: Path, **overrides: object) -> AggregatorConfig:
     fields: dict = dict(fleet="f1", state_dir=tmp_path / "agg", arch=ARCH, seed=7,
-                        policy=RoundPolicy(min_updates=1, target_updates=2), max_update_bytes=4096)
+                        policy=RoundPolicy(min_updates=1, target_updates=2), max_update_bytes=4096, **unbounded())
     fields.update(overrides)
     return AggregatorConfig(**fields)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shard_agents
+from conftest import shard_agents, unbounded
 
 from fedmq.aggregator.config import AggregatorConfig
 from fedmq.aggregator.daemon import Aggregator
@@ -94,12 +94,15 @@ def test_buffer_with_constant_weight_is_plain_fedavg() -> None:
     np.testing.assert_allclose(buf.result().mean_delta["w"], [3.25, 3.25], rtol=1e-6)  # (10 + 120) / 40
 
 
-def test_buffer_is_ready_at_buffer_size_and_takes_a_device_twice() -> None:
+def test_buffer_is_ready_at_buffer_size_and_takes_one_update_per_device() -> None:
     buf = buffer(version=5, size=3, max_staleness=2)
     buf.add(*upd("d1", 4, uid="a"), 1)
-    buf.add(*upd("d1", 5, uid="b"), 1)  # the same fast device, stale then fresh: both count
-    assert not buf.ready(now=1.0)
+    with pytest.raises(RejectedMessage) as refused:  # the same device again, even from a fresher base
+        buf.add(*upd("d1", 5, uid="b"), 1)
+    assert refused.value.reason is Reason.REPEAT and buf.count == 1
     buf.add(*upd("d2", 5), 1)
+    assert not buf.ready(now=1.0)
+    buf.add(*upd("d3", 5), 1)
     assert buf.ready(now=1.0)
 
 
@@ -116,7 +119,8 @@ def test_buffer_flushes_at_the_deadline_with_min_updates() -> None:
 
 def async_config(tmp_path: Path, **overrides) -> AggregatorConfig:
     fields: dict = dict(fleet="f1", state_dir=tmp_path / "agg", arch=ARCH, seed=7, buffer_size=2,
-                        task=Task(mode="async", max_staleness=2), policy=RoundPolicy(min_updates=1, target_updates=10))
+                        task=Task(mode="async", max_staleness=2), policy=RoundPolicy(min_updates=1, target_updates=10),
+                        **unbounded())
     fields.update(overrides)
     return AggregatorConfig(**fields)
 

@@ -27,6 +27,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+from conftest import unbounded
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -202,7 +203,8 @@ class Harness:
 @pytest.fixture
 def harness(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Harness]:
     config = AggregatorConfig(fleet="fuzz", state_dir=tmp_path / "agg", arch=ARCH, seed=3,
-                              policy=RoundPolicy(min_updates=1, target_updates=10), max_update_bytes=MAX_BYTES)
+                              policy=RoundPolicy(min_updates=1, target_updates=10), max_update_bytes=MAX_BYTES,
+                              **unbounded())
     aggregator = Aggregator(config)
     aggregator.journal.fsync = False  # durability is not under test, and thousands of fsyncs would dominate
     daemon_log = logging.getLogger("fedmq.aggregator.daemon")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import aggregator_online
+from conftest import aggregator_online, unbounded
 
 from fedmq.aggregator.config import AggregatorConfig
 from fedmq.aggregator.daemon import Aggregator
@@ -41,7 +41,7 @@ async def test_a_burst_is_batched_without_losing_or_reordering_receipts(mqtt_bro
                                                                         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="fedmq.aggregator.daemon")
     config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "agg", broker=mqtt_broker, client_id=f"{fleet}-agg",
-                              arch=ARCH, seed=3, policy=RoundPolicy(min_updates=TARGET, target_updates=TARGET))
+                              arch=ARCH, seed=3, policy=RoundPolicy(min_updates=TARGET, target_updates=TARGET), **unbounded())
     aggregator = Aggregator(config)
     stop = asyncio.Event()
     run = asyncio.create_task(aggregator.run(stop))
@@ -125,7 +125,7 @@ async def test_receipts_that_get_no_puback_end_the_session_with_one_warning(requ
     with MosquittoProcess(workdir=tmp_path / "broker") as broker:
         settings = BrokerSettings(host=broker.host, port=broker.port, protocol="5")
         config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "agg", broker=settings, client_id=f"{fleet}-agg",
-                                  arch=ARCH, seed=3, policy=RoundPolicy(min_updates=10, target_updates=10))
+                                  arch=ARCH, seed=3, policy=RoundPolicy(min_updates=10, target_updates=10), **unbounded())
         aggregator = Aggregator(config)
         publish = paho.Client.publish  # receipts go through paho directly (aggregator/receipts.py)
         frozen = asyncio.Event()

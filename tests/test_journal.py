@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import unbounded
 
 from fedmq.aggregator.config import AggregatorConfig
 from fedmq.aggregator.daemon import Aggregator
@@ -25,7 +26,7 @@ def update(device: str, update_id: str, base: int = 1, value: float = 0.5, n: in
 
 def aggregator(tmp_path: Path, target: int = 3) -> Aggregator:
     return Aggregator(AggregatorConfig(fleet="f", state_dir=tmp_path, arch=ARCH, seed=1,
-                                       policy=RoundPolicy(min_updates=target, target_updates=target)))
+                                       policy=RoundPolicy(min_updates=target, target_updates=target), **unbounded()))
 
 
 def test_records_survive_reopen_and_a_torn_tail_is_dropped(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from fedmq.aggregator.optimizers import ServerOptimizer
 from fedmq.aggregator.robust import (
+    Accumulator,
     CoordinateMedian,
     NormClipping,
     TooManyUpdates,
@@ -193,6 +194,140 @@ def test_trimmed_mean_cap() -> None:
         trimmed.add(THREE[1], 1)
 
 
+# -- weighted forms -------------------------------------------------------------------------------
+
+def weighted_median_of(rows: list[list[float]], weights: list[float]) -> np.ndarray:
+    median = CoordinateMedian({"x": (len(rows[0]),)}, weighted=True)
+    for row, weight in zip(rows, weights, strict=True):
+        median.add({"x": np.array(row, np.float32)}, weight)
+    return median.result()["x"]
+
+
+def test_weighted_median_of_an_odd_count() -> None:
+    out = weighted_median_of([[10, 5], [20, 4], [30, 3], [40, 2], [50, 1]], [1, 2, 1, 1, 4])
+    # total 9, half 4.5; x0 sorted 10,20,30,40,50 cum 1,3,4,5,9 -> 40; x1 sorted 1,2,3,4,5 cum 4,5,6,8,9 -> 2
+    # (unweighted: 30 and 3)
+    np.testing.assert_array_equal(out, np.array([40, 2], np.float32))
+
+
+def test_weighted_median_of_an_even_count_takes_one_value_when_no_cumulative_weight_is_half() -> None:
+    out = weighted_median_of([[4, -1], [1, 3], [3, 2], [2, 0]], [1, 2, 3, 1])
+    # total 7, half 3.5; x0 sorted 1,2,3,4 cum 2,3,6,7 -> 3; x1 sorted -1,0,2,3 cum 1,2,5,7 -> 2
+    # (unweighted: 2.5 and 1)
+    np.testing.assert_array_equal(out, np.array([3, 2], np.float32))
+
+
+def test_weighted_median_averages_across_a_cumulative_weight_of_exactly_half() -> None:
+    out = weighted_median_of([[1, 7], [2, 5], [5, 6], [9, 8]], [1, 3, 2, 2])
+    # total 8, half 4; x0 sorted 1,2,5,9 cum 1,4,6,8: half at 2 -> (2 + 5) / 2; x1 sorted 5,6,7,8 cum 3,5,6,8 -> 6
+    np.testing.assert_array_equal(out, np.array([3.5, 6], np.float32))
+
+
+def test_weighted_median_finds_a_half_that_float_sums_miss() -> None:
+    # 0.1 + 0.3 + 0.7 is exactly half of 2.2, but not in floating point: the tolerance finds the tie
+    out = weighted_median_of([[1], [2], [3], [4]], [0.1, 0.3, 0.7, 1.1])
+    np.testing.assert_array_equal(out, np.array([3.5], np.float32))
+
+
+@pytest.mark.parametrize("outlier_weight, expected", [
+    (1, 2.5),       # total 4, half 2: the cumulative weight of 2 is exactly half -> (2 + 3) / 2
+    (2.9, 3),       # total 5.9, half 2.95: reached at 3 (cum 3), the outlier holds less than half
+    (3, 501.5),     # total 6, half 3: exactly half at 3 -> (3 + 1000) / 2, the outlier now counts
+    (3.5, 1000),    # total 6.5, half 3.25: the outlier holds more than half the mass and is the median
+])
+def test_a_heavy_outlier_moves_the_weighted_median_only_with_half_the_weight_mass(outlier_weight: float,
+                                                                                 expected: float) -> None:
+    out = weighted_median_of([[1], [2], [3], [1000]], [1, 1, 1, outlier_weight])
+    np.testing.assert_array_equal(out, np.array([expected], np.float32))
+
+
+def test_weighted_trimmed_mean_keeps_part_of_a_value_straddling_the_cut() -> None:
+    trimmed = TrimmedMean({"x": (2,)}, trim_fraction=0.25, weighted=True)
+    for row, weight in (([0, 50], 1), ([1, -4], 2), ([2, 0], 2), ([7, 1], 2), ([100, -100], 1)):
+        trimmed.add({"x": np.array(row, np.float32)}, weight)
+    # total 8, a mass of 2 trimmed from each end: x0 sorted 0,1,2,7,100 cover [0,1) [1,3) [3,5) [5,7) [7,8);
+    # kept [2,6): 1 with 1 of its 2, 2 with 2, 7 with 1 -> (1 + 4 + 7) / 4 = 3
+    # x1 sorted -100,-4,0,1,50: -4 with 1, 0 with 2, 1 with 1 -> (-4 + 0 + 1) / 4 = -0.75
+    # (unweighted, one value trimmed at each end: 10 / 3 and -1)
+    np.testing.assert_array_equal(trimmed.result()["x"], np.array([3, -0.75], np.float32))
+    assert trimmed.total_weight == 8
+
+
+def test_weighted_trimmed_mean_trims_a_heavy_outlier_only_as_far_as_the_trimmed_mass() -> None:
+    trimmed = TrimmedMean({"x": (1,)}, trim_fraction=0.2, weighted=True)
+    for value, weight in ((1, 1), (2, 1), (3, 1), (100, 2)):
+        trimmed.add({"x": np.array([value], np.float32)}, weight)
+    # total 5, mass 1 trimmed at each end: 1 goes, 100 keeps 1 of its 2 -> (2 + 3 + 100) / 3 = 35
+    np.testing.assert_array_equal(trimmed.result()["x"], np.array([35], np.float32))
+
+
+def test_weighted_trimmed_mean_with_zero_trim_is_the_weighted_mean() -> None:
+    trimmed = TrimmedMean({"x": (1,)}, trim_fraction=0.0, weighted=True)
+    trimmed.add({"x": np.array([1], np.float32)}, 3)
+    trimmed.add({"x": np.array([5], np.float32)}, 1)
+    # (3 * 1 + 1 * 5) / 4
+    np.testing.assert_array_equal(trimmed.result()["x"], np.array([2], np.float32))
+
+
+def test_equal_weights_reproduce_the_unweighted_median() -> None:
+    for deltas, w, b in ((THREE, [[2, 5], [-2, 0]], [2, 0]), ([*THREE, FOURTH], [[2.5, 3], [-1, 0.5]], [3, 2])):
+        median = CoordinateMedian(SHAPES, weighted=True)
+        for delta in deltas:
+            median.add(delta, 2.5)
+        out = median.result()
+        np.testing.assert_array_equal(out["w"], np.array(w, np.float32))
+        np.testing.assert_array_equal(out["b"], np.array(b, np.float32))
+        assert out["w"].dtype == np.float32 and out["w"].shape == (2, 2)
+
+
+def test_equal_weights_reproduce_the_unweighted_trimmed_mean() -> None:
+    trimmed = TrimmedMean({"x": (2,)}, trim_fraction=0.2, weighted=True)
+    for row in ([1, -7], [2, 3], [3, 0], [4, 1], [100, 2]):
+        trimmed.add({"x": np.array(row, np.float32)}, 0.3)
+    # 0.2 x 5 = 1 value's mass trimmed at each end, as unweighted: (2,3,4) -> 3; (0,1,2) -> 1
+    np.testing.assert_array_equal(trimmed.result()["x"], np.array([3, 1], np.float32))
+
+
+@pytest.mark.parametrize("count, trim_fraction", [(4, 0.25), (5, 0.2), (10, 0.3), (11, 0.0)])
+@pytest.mark.parametrize("weight", [1, 0.1, 3.7])
+def test_equal_weights_match_the_unweighted_forms_bit_for_bit(count: int, trim_fraction: float,
+                                                             weight: float) -> None:
+    rng = np.random.default_rng(count)
+    deltas = [{"w": rng.standard_normal((2, 2)).astype(np.float32), "b": rng.standard_normal(2).astype(np.float32)}
+              for _ in range(count)]
+    pairs = [(CoordinateMedian(SHAPES), CoordinateMedian(SHAPES, weighted=True)),
+             (TrimmedMean(SHAPES, trim_fraction=trim_fraction),
+              TrimmedMean(SHAPES, trim_fraction=trim_fraction, weighted=True))]
+    for plain, weighted in pairs:
+        for delta in deltas:
+            plain.add(delta, weight)
+            weighted.add(delta, weight)
+        expected, got = plain.result(), weighted.result()
+        for name in SHAPES:
+            np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_weighted_strategies_keep_no_weight_of_a_refused_update() -> None:
+    median = CoordinateMedian({"x": (1,)}, weighted=True, max_updates=2)
+    median.add({"x": np.array([1], np.float32)}, 1)
+    with pytest.raises(ValueError, match="shape"):
+        median.add({"x": np.zeros(2, np.float32)}, 100)
+    median.add({"x": np.array([5], np.float32)}, 1)
+    with pytest.raises(TooManyUpdates):
+        median.add({"x": np.array([9], np.float32)}, 100)
+    # only the weights 1 and 1 remain: half exactly at 1 -> (1 + 5) / 2
+    np.testing.assert_array_equal(median.result()["x"], np.array([3], np.float32))
+    assert median.count == 2 and median.total_weight == 2
+
+
+@pytest.mark.parametrize("build", [CoordinateMedian, TrimmedMean])
+def test_weighted_must_be_a_bool(build: type) -> None:
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="weighted"):
+            build(SHAPES, weighted=bad)
+    assert build(SHAPES).weighted is False and build(SHAPES, weighted=True).weighted is True
+
+
 # -- norm clipping --------------------------------------------------------------------------------
 
 NORM_5 = d([[3, 0], [0, 0]], [0, 4])   # global L2 norm over both tensors: sqrt(9 + 16) = 5
@@ -269,6 +404,20 @@ def test_clip_wraps_the_buffered_strategies(inner_type: type) -> None:
     assert clip.count == 3 and clip.clipped == 1
 
 
+@pytest.mark.parametrize("inner, expected", [
+    # the huge one is clipped to 2.0 and keeps its weight 3: total 5, sorted -1.5, 1, 2 cum 1, 2, 5 -> 2
+    (CoordinateMedian({"x": (1,)}, weighted=True), 2.0),
+    # trim a mass of 0.5 at each end: -1.5 keeps 0.5, 1 keeps 1, 2 keeps 2.5 -> (-0.75 + 1 + 5) / 4
+    (TrimmedMean({"x": (1,)}, trim_fraction=0.1, weighted=True), 1.3125),
+])
+def test_clip_wraps_the_weighted_strategies_and_passes_the_weights_on(inner: Accumulator, expected: float) -> None:
+    clip = NormClipping(inner, max_norm=2.0)
+    for value, weight in ((1.0, 1), (-1.5, 1), (1e6, 3)):
+        clip.add({"x": np.array([value], np.float32)}, weight)
+    np.testing.assert_array_equal(clip.result()["x"], np.array([expected], np.float32))
+    assert clip.count == 3 and clip.clipped == 1 and clip.total_weight == 5
+
+
 def test_reject_mode_refuses_above_max_norm_and_keeps_exactly_max_norm() -> None:
     inner = WeightedMean(SHAPES)
     guard = NormClipping(inner, max_norm=2.5, mode="reject")
@@ -325,6 +474,21 @@ def test_make_accumulator_builds_each_strategy() -> None:
     assert type(clipped) is NormClipping and type(clipped.inner) is CoordinateMedian
     assert clipped.max_norm == 2.0 and clipped.mode == "reject"
     assert make_accumulator("fedavg", SHAPES, max_norm=1.0).mode == "clip"
+
+
+def test_make_accumulator_passes_weighted_to_the_robust_strategies() -> None:
+    median = make_accumulator("median", SHAPES, weighted=True, max_updates=4)
+    assert type(median) is CoordinateMedian and median.weighted is True and median.max_updates == 4
+    trimmed = make_accumulator("trimmed_mean", SHAPES, weighted=True, trim_fraction=0.1)
+    assert type(trimmed) is TrimmedMean and trimmed.weighted is True and trimmed.trim_fraction == 0.1
+    assert make_accumulator("median", SHAPES).weighted is False
+    assert make_accumulator("trimmed_mean", SHAPES, weighted=False).weighted is False
+    clipped = make_accumulator("median", SHAPES, weighted=True, max_norm=1.0)
+    assert type(clipped) is NormClipping and type(clipped.inner) is CoordinateMedian and clipped.inner.weighted
+    with pytest.raises(ValueError, match=r"'fedavg' takes no option\(s\) \['weighted'\]"):
+        make_accumulator("fedavg", SHAPES, weighted=True)
+    with pytest.raises(ValueError, match="weighted"):
+        make_accumulator("median", SHAPES, weighted="yes")
 
 
 def test_make_accumulator_names_what_is_wrong() -> None:

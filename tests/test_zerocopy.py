@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import aggregator_online
+from conftest import aggregator_online, unbounded
 from paho.mqtt import _packet
 from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.exception import MalformedPacket
@@ -130,7 +130,8 @@ async def test_the_aggregator_ingests_paho_buffers(mqtt_broker: BrokerSettings, 
               for i, d in enumerate(devices)}
     assert min(len(b) for b in bodies.values()) >= zerocopy.LARGE
     config = AggregatorConfig(fleet=fleet, state_dir=tmp_path / "agg", broker=mqtt_broker, client_id=f"{fleet}-agg",
-                              arch=ARCH, seed=5, policy=RoundPolicy(min_updates=4, target_updates=4), max_rounds=1)
+                              arch=ARCH, seed=5, policy=RoundPolicy(min_updates=4, target_updates=4), max_rounds=1,
+                              **unbounded())
     aggregator = Aggregator(config)
     payload_types: list[type] = []
     ingest = aggregator.ingest
