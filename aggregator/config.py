@@ -206,8 +206,8 @@ class AggregatorConfig:
             influence = InfluenceSettings(
                 max_norm=bound if isinstance(bound, float) else None,
                 auto_norm=bound == "auto",
-                norm_factor=r.get("norm_factor", float, 3.0, check=lambda v: v >= 1, expect="a number >= 1"),
-                weight_factor=r.get("weight_factor", float, 4.0, check=lambda v: v == 0 or v >= 1,
+                norm_factor=r.get("norm_factor", float, 2.0, check=lambda v: v >= 1, expect="a number >= 1"),
+                weight_factor=r.get("weight_factor", float, 2.0, check=lambda v: v == 0 or v >= 1,
                                     expect="0 (off) or a number >= 1"),
                 max_examples=r.get("max_examples", int, 0, check=lambda v: v >= 0, expect="0 (off) or a positive integer"),
             )

@@ -14,9 +14,9 @@ updates the fleet had accepted before (pure logic, no I/O):
   accepted updates' L2 norms; before there is a history, :data:`BOOTSTRAP_NORM_RATIO` times the
   norm of the model itself. A configured number replaces it; ``"off"`` removes it.
 
-What the history records is what was *applied* (the capped weight, the clipped norm), so an
-attacker's inflated claims never raise the median that bounds them, as long as fewer than half of
-the recent updates are its own. What it still allows: a minority of devices that each stay within
+What the history records is what was *applied* (the capped example count, the clipped norm), so
+an attacker's inflated claims never raise the median that bounds them, as long as fewer than half
+of the recent updates are its own. What it still allows: a minority of devices that each stay within
 the bounds moves the model by at most their share of the weight times ``norm_factor`` honest
 steps per round (slow, coordinated drift is out of reach of any per-update bound: see SECURITY.md).
 """
@@ -46,8 +46,8 @@ class InfluenceSettings:
 
     max_norm: float | None = None       # a fixed norm bound; None with auto_norm = no bound
     auto_norm: bool = True              # derive the norm bound from the history
-    norm_factor: float = 3.0
-    weight_factor: float = 4.0          # 0 = no cap relative to the history
+    norm_factor: float = 2.0
+    weight_factor: float = 2.0          # 0 = no cap relative to the history
     max_examples: int = 0               # 0 = no fixed cap
 
     def __post_init__(self) -> None:
@@ -80,6 +80,11 @@ class RoundBounds:
         if self.weight_cap is None:
             return float(num_examples)
         return float(min(num_examples, self.weight_cap))
+
+    def recorded(self, num_examples: int) -> float:
+        """What the history keeps of a claim: the claim, capped when there is a cap (equal
+        weights are a bootstrap rule, not a measure of the fleet's example counts)."""
+        return float(num_examples if self.weight_cap is None else min(num_examples, self.weight_cap))
 
     def to_info(self) -> dict[str, Any]:
         out: dict[str, Any] = {"weights": "equal" if self.equal_weights else "examples"}

@@ -49,7 +49,7 @@ class RoundResult:
     num_examples: int
     bytes_in: int
     metrics: dict[str, float] = field(default_factory=dict)   # example-weighted means of device metrics
-    #: (weight, norm) each accepted update was applied with, in arrival order (the fleet's history)
+    #: (capped example count, norm) of each accepted update as applied, in arrival order (the fleet's history)
     applied: list[tuple[float, float]] = field(default_factory=list)
 
 
@@ -127,7 +127,7 @@ class _Collector:
         norm = getattr(self._mean, "last_norm", None)
         if norm is None:  # a strategy that does not measure norms: one more pass, for the history
             norm = math.sqrt(sum(float(np.dot(a.reshape(-1), a.reshape(-1))) for a in self.contribution(update, delta).values()))
-        self._applied.append((weight, float(norm)))
+        self._applied.append((self.bounds.recorded(update.num_examples), float(norm)))
         self._examples += update.num_examples
         self._weight += weight
         self._bytes += payload_bytes

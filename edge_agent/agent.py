@@ -173,8 +173,9 @@ class Agent:
                 if command.fleet != self.config.fleet or not command.target:
                     raise RejectedMessage(Reason.UNAUTHENTICATED, f"command signed by {signer} names fleet "
                                           f"{command.fleet!r} and target {command.target!r}, not this fleet and device")
-            if command.target and target and command.target != target:
-                raise RejectedMessage(Reason.REPLAYED, f"command for {command.target!r} arrived on the topic of {target!r}")
+            if command.target and (command.target not in ("all", self.device) or (target and command.target != target)):
+                raise RejectedMessage(Reason.REPLAYED, f"command for {command.target!r} arrived on the topic of "
+                                      f"{target or self.device!r}")
             if command.issued_at > now + MAX_CLOCK_SKEW_S:
                 raise RejectedMessage(Reason.REPLAYED, f"command issued_at is {command.issued_at - now:.0f} s in the future; "
                                       "check the operator's clock")

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmq.aggregator.config import AggregatorConfig
+from fedmq.aggregator.config import AggregatorConfig, OpsAuth
 from fedmq.aggregator.daemon import Aggregator
 from fedmq.aggregator.registry import ModelRegistry
 from fedmq.aggregator.rounds import RoundPolicy
@@ -213,6 +213,8 @@ async def _run_fleet(opts: DemoOptions, settings: BrokerSettings, arch: MLPArchi
         arch=arch, seed=opts.seed, task=task, buffer_size=buffer_size, server_lr=opts.server_lr,
         policy=RoundPolicy(min_updates=min_updates, target_updates=opts.agents, deadline_s=opts.deadline_s),
         max_rounds=0 if opts.keep_running else opts.rounds, signing_key=secure.signing_key if secure else None,
+        # the secure fleet takes ops requests only signed by an operator certificate of its CA
+        ops_auth=OpsAuth(ca_file=secure.pki_dir / "ca.pem", crl_file=secure.pki_dir / "crl.pem") if secure else OpsAuth(),
     ))
     slow = opts.straggler_indices()
     if opts.mode == "async":
@@ -229,6 +231,7 @@ async def _run_fleet(opts: DemoOptions, settings: BrokerSettings, arch: MLPArchi
         agents.append(Agent(AgentConfig(device_id=device, fleet=fleet, state_dir=data_file.parent, data=data_file,
                                         broker=secure.settings(device) if secure else settings,
                                         fleet_public_key=secure.public_key if secure else None, seed=f"demo-{opts.seed}-agent{i}",
+                                        operator_ca_file=secure.pki_dir / "ca.pem" if secure else None,
                                         backend=opts.backend, slowdown=opts.slowdown if i in slow else 1.0)))
 
     rows: list[VersionRow] = []

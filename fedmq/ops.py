@@ -79,13 +79,15 @@ class DeviceRow:
     backend: str = ""
     platform: str = ""
     paused: bool = False
+    frozen: int = 0                     # an operator froze the device at this version (0 = not)
     detail: str = ""
     counters_from: str = ""             # "aggregator" or "device" (its own counters, when no aggregator answered)
 
     def to_json(self) -> dict[str, Any]:
         return {"device": self.device, "state": self.state, "since": self.since, "model_version": self.model_version,
                 "last_update": self.last_update, "accepted": self.accepted, "rejected": self.rejected,
-                "backend": self.backend, "platform": self.platform, "paused": self.paused, "detail": self.detail,
+                "backend": self.backend, "platform": self.platform, "paused": self.paused, "frozen": self.frozen,
+                "detail": self.detail,
                 "counters_from": self.counters_from}
 
 
@@ -349,6 +351,7 @@ def merge_fleet_status(fleet: str, statuses: Mapping[str, DeviceStatus], changed
         if status is not None:
             row.state, row.model_version, row.backend = status.state, status.model_version, status.backend
             row.platform, row.paused, row.detail = status.platform, status.paused, status.detail
+            row.frozen = status.frozen
         elif "state" in entry:
             row.state = entry["state"]
         # when it went online/offline: seen live by this client, else by the aggregator, else

@@ -72,7 +72,7 @@ def render_fleet_status(status: FleetStatus, now: float | None = None) -> str:
     lines.append(f"{len(status.devices)} device(s), {online} online, {sum(d.paused for d in status.devices)} paused")
     rows = []
     for d in status.devices:
-        state = d.state + (" (paused)" if d.paused else "")
+        state = d.state + (" (paused)" if d.paused else "") + (f" (frozen v{d.frozen})" if d.frozen else "")
         rows.append([d.device, state, age(d.since, now), f"v{d.model_version}" if d.model_version else "-",
                      age(d.last_update, now), d.accepted, d.rejected, d.backend or "-", d.platform or "-"])
     if rows:

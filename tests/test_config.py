@@ -703,3 +703,27 @@ def test_regression_default_device_id_keeps_non_ascii_letters(monkeypatch: pytes
     monkeypatch.setattr(agent_config.socket, "gethostname", lambda: hostname)
     device = default_device_id()
     assert check_device(device) == device
+
+
+def test_with_client_certificates_the_fleet_ca_authenticates_operators_by_default(tmp_path: Path) -> None:
+    from fedmq.aggregator.config import AggregatorConfig as Aggregator_
+    from fedmq.edge_agent.config import AgentConfig as Agent_
+
+    (tmp_path / "crl.pem").write_text("x")
+    tls = {"url": "mqtts://broker:8883", "ca_file": str(tmp_path / "ca.pem"), "cert_file": str(tmp_path / "me.pem"),
+           "key_file": str(tmp_path / "me.key")}
+    aggregator = Aggregator_.from_mapping({"state_dir": str(tmp_path), "broker": tls})
+    assert aggregator.ops_auth.ca_file == tmp_path / "ca.pem" and aggregator.ops_auth.crl_file == tmp_path / "crl.pem"
+    agent = Agent_.from_mapping({"state_dir": str(tmp_path), "device_id": "pi-1", "broker": tls})
+    assert agent.operator_ca_file == tmp_path / "ca.pem" and agent.operator_crl_file == tmp_path / "crl.pem"
+    # without a client certificate (password login, plain TCP) nothing says who the operators are
+    plain = {"url": "mqtt://broker:1883"}
+    assert Aggregator_.from_mapping({"state_dir": str(tmp_path), "broker": plain}).ops_auth.ca_file is None
+    assert Agent_.from_mapping({"state_dir": str(tmp_path), "device_id": "pi-1", "broker": plain}).operator_ca_file is None
+    # an explicit file wins, and a misspelt key is an error naming it
+    explicit = Aggregator_.from_mapping({"state_dir": str(tmp_path), "broker": tls, "ops": {"ca_file": "/etc/other.pem"}})
+    assert explicit.ops_auth.ca_file == Path("/etc/other.pem")
+    with pytest.raises(ConfigError, match="ops.ca_flie"):
+        Aggregator_.from_mapping({"state_dir": str(tmp_path), "ops": {"ca_flie": "x"}})
+    with pytest.raises(ConfigError, match="limits.updates_per_second"):
+        Aggregator_.from_mapping({"state_dir": str(tmp_path), "limits": {"updates_per_second": -1.0}})

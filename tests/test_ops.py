@@ -400,6 +400,7 @@ async def test_ops_through_the_secure_broker_and_its_acl(tmp_path: Path) -> None
     """Mutual TLS and the fleet ACL: the operator identity can do every ops command it needs."""
     from test_broker_security import AGGREGATOR, FLEET, OPERATOR, Broker, make_pki, running_mosquitto, settings_for
 
+    from fedmq.aggregator.config import OpsAuth
     from fedmq.broker import pki
     from fedmq.broker.local import find_free_port
     from fedmq.broker.mosquitto_config import render_acl, render_config
@@ -413,10 +414,13 @@ async def test_ops_through_the_secure_broker_and_its_acl(tmp_path: Path) -> None
     config = render_config(fleet=FLEET, port=port, tls=pki.server_tls_files(pki_dir), acl_path=acl)
     with running_mosquitto(tmp_path, config, port) as log:
         broker = Broker(port=port, pki=pki_dir, log=log)
+        # as deployed: requests and commands count only signed by an operator of the fleet CA
+        # (the CLI signs with its --cert-file/--key-file)
         aggregator = Aggregator(AggregatorConfig(fleet=FLEET, state_dir=tmp_path / "agg", client_id=AGGREGATOR,
-                                                    broker=settings_for(broker, AGGREGATOR), arch=ARCH))
+                                                    broker=settings_for(broker, AGGREGATOR), arch=ARCH,
+                                                    ops_auth=OpsAuth(ca_file=pki_dir / "ca.pem")))
         device = Agent(AgentConfig(device_id="dev-a", fleet=FLEET, state_dir=tmp_path / "dev-a",
-                                   broker=settings_for(broker, "dev-a")))
+                                   broker=settings_for(broker, "dev-a"), operator_ca_file=pki_dir / "ca.pem"))
         cert, key = pki.client_paths(pki_dir, OPERATOR)
         tls = ["--broker", f"mqtts://127.0.0.1:{port}", "--fleet", FLEET, "--client-id", OPERATOR,
                "--ca-file", str(pki_dir / "ca.pem"), "--cert-file", str(cert), "--key-file", str(key),
