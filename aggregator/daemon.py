@@ -42,9 +42,9 @@ from .ops import OpsService
 from .receipts import ReceiptSender
 from .registry import ModelRegistry, RegistryError, VersionRecord
 from .robust import make_accumulator
-from .strategy import WeightedMean
 from .rollout import Canary, Decision
 from .rounds import AsyncBuffer, RoundPolicy, SyncRound
+from .strategy import WeightedMean
 
 log = logging.getLogger(__name__)
 
@@ -414,6 +414,10 @@ class Aggregator:
             parsed = None
         if parsed is not None and parsed.kind == "update" and parsed.fleet == self.config.fleet and parsed.device:
             updates.append((parsed.device, message.payload if isinstance(message.payload, bytes | bytearray) else b""))
+            if message.retain and message.payload:
+                # agents never retain an update: one parked on the broker would come back at every
+                # subscription (and to anyone allowed to read it); answered as usual, then deleted
+                self._clear_retained(client, str(message.topic), parsed.device, "update", len(message.payload))
             return
         if parsed is not None and parsed.kind == "ops_request" and parsed.fleet == self.config.fleet:
             task = asyncio.create_task(self.ops.handle(client, message), name="ops")
@@ -422,7 +426,8 @@ class Aggregator:
         elif parsed is not None and parsed.kind == "status" and parsed.fleet == self.config.fleet and parsed.device:
             size = len(message.payload) if isinstance(message.payload, bytes | bytearray) else 0
             if size > self.config.limits.max_status_bytes:
-                self._clear_status(client, parsed.device, size)
+                self.devices_online.discard(parsed.device)
+                self._clear_retained(client, str(message.topic), parsed.device, "status", size)
                 return
             self._on_device_status(parsed.device, message.payload)
             self.ops.observe_status(parsed.device, message.payload, retained=message.retain)
@@ -430,23 +435,23 @@ class Aggregator:
             self.counters["ignored"] += 1
             log.warning("ignoring message on unexpected topic %s", message.topic)
 
-    def _clear_status(self, client: aiomqtt.Client, device: str, size: int) -> None:
-        """A device parked an oversized status on the broker (delivered to every status reader):
-        replace it with an empty retained message, which deletes it. The broker has no per-topic
-        size limit (``max_packet_size`` must fit the model), so the aggregator enforces this one."""
-        self.counters["statuses_cleared"] += 1
-        self._device_stat(device, "statuses_cleared")
-        self.devices_online.discard(device)
-        log.warning("device %s retained a status of %d bytes (limit %d, [limits] max_status_bytes); clearing it",
-                    device, size, self.config.limits.max_status_bytes)
-        task = asyncio.create_task(client.publish(topics.status_topic(self.config.fleet, device), b"", qos=1, retain=True),
-                                   name="clear-status")
+    def _clear_retained(self, client: aiomqtt.Client, topic: str, device: str, what: str, size: int) -> None:
+        """A device parked a message on the broker that every reader gets: an oversized status
+        (over ``[limits] max_status_bytes``) or a retained update. Replace it with an empty
+        retained message, which deletes it. The broker has no per-topic size limit and no way to
+        forbid the retain flag (``max_packet_size`` must fit the model), so the aggregator
+        enforces these."""
+        counter = {"status": "statuses_cleared", "update": "retained_updates_cleared"}[what]
+        self.counters[counter] += 1
+        self._device_stat(device, counter)
+        log.warning("device %s retained a %s of %d bytes on %s; deleting it", device, what, size, topic)
+        task = asyncio.create_task(client.publish(topic, b"", qos=1, retain=True), name=f"clear-{what}")
         self._ops_tasks.add(task)  # type: ignore[arg-type]
 
         def done(finished: asyncio.Task[Any]) -> None:
             self._ops_tasks.discard(finished)  # type: ignore[arg-type]
             if not finished.cancelled() and finished.exception() is not None:
-                log.warning("could not clear the status of %s: %s", device, finished.exception())
+                log.warning("could not delete the retained %s of %s: %s", what, device, finished.exception())
 
         task.add_done_callback(done)
 
@@ -539,7 +544,6 @@ class Aggregator:
                           f"{self.config.limits.per_second:g} a second from this device")
                 return Receipt(device, update_id, "rejected", self.model.version, Reason.RATE_LIMITED.value, detail,
                                retry_after_s=retry_after(wait))
-            update_id = salvage_update_id(payload)  # a refusal below names the update it refuses
             update = decode_update(payload, max_bytes=self.config.max_update_bytes)
             update_id = update.update_id  # from here on, receipts name the update they answer
             delta = check_update(update, topic_device=device, shapes=self._shapes, codec=self.config.task.codec,
@@ -564,6 +568,8 @@ class Aggregator:
             log.error("update %r from %s not accepted, no receipt sent: %s", update_id, device, exc)
             return None
         except RejectedMessage as exc:
+            # refused before its fields were read (too large, a bad field): the receipt still names it
+            update_id = update_id or salvage_update_id(payload)
             self.counters["rejected"] += 1
             self.counters[f"rejected_{exc.reason.value}"] += 1
             self._device_stat(device, "rejected")
@@ -573,6 +579,7 @@ class Aggregator:
                 stats[f"rejected_{exc.reason.value}"] += 1
             return Receipt(device, update_id, "rejected", self.model.version, exc.reason.value, exc.detail)
         except Exception as exc:  # a bug must cost one update, not the daemon
+            update_id = update_id or salvage_update_id(payload)
             self.counters["rejected"] += 1
             self.counters["rejected_internal"] += 1
             log.exception("internal error on update %r from %s", update_id, device)

@@ -97,11 +97,11 @@ class WeightedMean:
     they are added.
 
     With ``max_norm``, a delta whose L2 norm is over it is scaled down to that norm
-    (``norm_mode="clip"``: folded again with its weight times ``max_norm / norm``, which is the
-    same sum and costs a rewind only for such a delta) or refused with reason ``norm``
-    (``"reject"``); its weight still counts in full in the total, so a clipped update moves the
-    mean by at most its share of the weight times ``max_norm``. :attr:`last_norm` is the norm
-    the last added delta was folded with.
+    (``norm_mode="clip"``: a second fold with ``weight * (max_norm / norm - 1)`` takes the excess
+    back, one more pass for such a delta only) or refused with reason ``norm`` (``"reject"``); its
+    weight still counts in full in the total, so a clipped update moves the mean by at most its
+    share of the weight times ``max_norm``. :attr:`last_norm` is the norm the last added delta was
+    folded with.
     """
 
     #: The delta's values are checked here; the intake can skip its own pass over them.
@@ -133,8 +133,8 @@ class WeightedMean:
         self._released = False
         self._since: list[tuple[Mapping[str, np.ndarray], float]] = []  # added after the snapshot, in order
         self._since_bytes = 0
-        # in the sums, not added: (delta, weight, the weight it was folded with, its norm as folded)
-        self._pending: tuple[Mapping[str, np.ndarray], float, float, float] | None = None
+        # in the sums, not added: (delta, weight, the weights it was folded with, its norm as folded)
+        self._pending: tuple[Mapping[str, np.ndarray], float, tuple[float, ...], float] | None = None
         self.total_weight = 0.0
         self.count = 0
 
@@ -168,14 +168,17 @@ class WeightedMean:
         if not squared <= MAX_DELTA_NORM ** 2:
             self._rewind()
             raise value_refusal(delta)
-        folded_with, norm = float(weight), math.sqrt(squared)
+        folds, norm = (float(weight),), math.sqrt(squared)
         if self.max_norm is not None and norm > self.max_norm:
-            self._rewind()
             if self.norm_mode == "reject":
+                self._rewind()
                 raise RejectedMessage(Reason.NORM, f"update norm {norm:.6g} exceeds the round's bound {self.max_norm:.6g}")
-            folded_with, norm = float(weight) * (self.max_norm / norm), self.max_norm
-            self._fold(delta, folded_with)
-        self._pending = (delta, float(weight), folded_with, norm)
+            # clip: take back the part of the delta beyond the bound with a second, negative fold
+            # (a pass only for a clipped delta; a rewind would refold up to SNAPSHOT_EVERY others)
+            correction = float(weight) * (self.max_norm / norm - 1.0)
+            self._fold(delta, correction)
+            folds, norm = (float(weight), correction), self.max_norm
+        self._pending = (delta, float(weight), folds, norm)
 
     def add(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
         """Fold ``delta`` (names and shapes already checked) with ``weight`` > 0.
@@ -185,11 +188,11 @@ class WeightedMean:
         if self._pending is None or self._pending[0] is not delta or self._pending[1] != float(weight):
             self.check(delta, weight)
         assert self._pending is not None
-        _, _, folded_with, self.last_norm = self._pending
-        if folded_with != float(weight):
+        _, _, folds, self.last_norm = self._pending
+        if len(folds) > 1:
             self.clipped += 1
         self._pending = None
-        self._since.append((delta, folded_with))
+        self._since.extend((delta, folded_with) for folded_with in folds)  # a rewind repeats each fold
         self._since_bytes += sum(array.nbytes for array in delta.values())
         self.total_weight += float(weight)
         self.count += 1

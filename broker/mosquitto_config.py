@@ -287,8 +287,10 @@ def render_acl(fleet: str, *, aggregator: str, operators: list[str] | tuple[str,
         f"topic read {updates}",
         f"topic read {ops_requests}",
         f"topic read {statuses}",
-        # to delete a device's oversized retained status (the broker has no per-topic size limit)
+        # to delete what a device parked on the broker: an oversized retained status, a retained
+        # update (the broker has no per-topic size limit and cannot forbid the retain flag)
         f"topic write {statuses}",
+        f"topic write {updates}",
         f"topic write {model}",
         f"topic write {canary}",
         f"topic write {artifacts}",

@@ -36,9 +36,9 @@ from fedmq.broker.messages import (
     UpdateMessage,
     decode_message,
 )
+from fedmq.broker.operators import OperatorVerifier
 from fedmq.broker.sdnotify import Notifier, watchdog_loop
 from fedmq.broker.session import cancel_tasks, raise_first_failure, run_connected, sleep_or_stop
-from fedmq.broker.operators import OperatorVerifier
 from fedmq.broker.signing import TrustStore, load_public_key
 
 from .backends import Backend, BackendError, load_backend

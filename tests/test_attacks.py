@@ -617,3 +617,28 @@ async def test_a_device_cannot_park_a_huge_retained_status(deployment: Deploymen
             await reader.client.subscribe(topics.aggregator_status_topic(fleet), qos=1)
             await reader.wait_for(topics.aggregator_status_topic(fleet))
             assert not reader.messages.get(topics.status_topic(fleet, STOLEN)), "the junk is still retained"
+
+
+@pytest.mark.asyncio
+async def test_a_device_cannot_park_a_retained_update(deployment: Deployment) -> None:
+    """Not in the attack run, same kind: the ACL cannot forbid the retain flag on a device's own
+    update topic, and a retained update comes back at every subscription. The aggregator answers
+    it once and deletes it."""
+    fleet = deployment.fleet
+    async with connection(deployment, STOLEN, topics.receipt_topic(fleet, STOLEN)) as stolen:
+        update_id = "parked-1"  # computed from v1, the version the aggregator will start with
+        payload = UpdateMessage(device=STOLEN, update_id=update_id, base_version=1, num_examples=10, codec="fp32",
+                                tensors={name: np.zeros(shape, np.float32) for name, shape in ARCH.param_shapes().items()}
+                                ).encode()
+        await stolen.client.publish(topics.update_topic(fleet, STOLEN), payload, qos=1, retain=True)
+        aggregator = deployment.aggregator(policy=RoundPolicy(2, 2, 60))  # subscribes after the update was parked
+        async with daemons(deployment, aggregator, []):
+            receipt = await stolen.wait_for(topics.receipt_topic(fleet, STOLEN), receipt_for(update_id))
+            assert decode_message(receipt, max_bytes=1 << 16, expect=Receipt).status == "accepted"
+            await wait_until(lambda: aggregator.counters["retained_updates_cleared"] >= 1)
+            await asyncio.sleep(0.5)  # the deleting publish reaches the broker
+            async with connection(deployment, ADMIN) as reader:
+                await reader.client.subscribe(topics.update_topic(fleet, STOLEN), qos=1)
+                await reader.client.subscribe(topics.aggregator_status_topic(fleet), qos=1)
+                await reader.wait_for(topics.aggregator_status_topic(fleet))
+                assert not reader.messages.get(topics.update_topic(fleet, STOLEN)), "the update is still retained"

@@ -26,7 +26,7 @@ def run_bench(script: str, *args: str, tmp_path: Path, timeout: float = 120) -> 
     return proc.stdout, json.loads(out_file.read_text())
 
 
-@pytest.mark.parametrize("script", ["aggregate_core.py", "aggregator_ingest.py", "fleet_scale.py"])
+@pytest.mark.parametrize("script", ["aggregate_core.py", "aggregator_ingest.py", "fleet_scale.py", "defences.py"])
 def test_help(script: str) -> None:
     proc = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--json" in proc.stdout
@@ -93,3 +93,13 @@ def test_fleet_scale(tmp_path: Path) -> None:
     assert row["updates_expected"] == row["updates_accepted"] == row["agent_receipts_accepted"] == 12
     assert row["updates_lost"] == 0 and row["failed_agents"] == 0 and row["rejected"] == {}
     assert row["aggregator_cpu_s"] > 0 and row["aggregator_peak_rss_mb"] > 0
+
+
+def test_defences(tmp_path: Path) -> None:
+    stdout, data = run_bench("defences.py", "--model", "10k", "--updates", "4", "--repeat", "1", tmp_path=tmp_path)
+    assert set(data["us_per_update"]) == {"fold, no bound", "fold, bound, inside", "fold, bound, clipped"}
+    assert all(value > 0 for value in data["us_per_update"].values()) and data["rate_limit_us"] > 0
+    assert data["inside_same_as_baseline"], "a norm bound that no delta reaches changed the sums"
+    # the mean of deltas clipped to the bound is no longer than it (one tensor of it, so at most)
+    assert 0 < data["clipped_norm_over_bound"] <= 1.0 + 1e-5
+    assert "vs baseline" in stdout

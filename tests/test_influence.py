@@ -10,7 +10,7 @@ import pytest
 
 from fedmq.aggregator.config import AggregatorConfig, norm_bound
 from fedmq.aggregator.daemon import Aggregator
-from fedmq.aggregator.influence import BOOTSTRAP_NORM_RATIO, MIN_HISTORY, InfluenceHistory, InfluenceSettings, RoundBounds
+from fedmq.aggregator.influence import BOOTSTRAP_NORM_RATIO, MIN_HISTORY, InfluenceHistory, InfluenceSettings
 from fedmq.aggregator.intake import DeviceRateLimit, retry_after, salvage_update_id
 from fedmq.aggregator.rounds import RoundPolicy
 from fedmq.aggregator.strategy import WeightedMean
