@@ -487,7 +487,7 @@ class Aggregator:
     def _on_device_status(self, device: str, payload: Any) -> None:
         try:
             status: DeviceStatus = decode_message(payload if isinstance(payload, bytes | bytearray) else b"",
-                                                  max_bytes=64 * 1024, expect=DeviceStatus)
+                                                  max_bytes=self.config.limits.max_status_bytes, expect=DeviceStatus)
         except RejectedMessage:
             self.devices_online.discard(device)  # an empty payload clears a retained status: gone
             return
@@ -573,10 +573,8 @@ class Aggregator:
             self.counters["rejected"] += 1
             self.counters[f"rejected_{exc.reason.value}"] += 1
             self._device_stat(device, "rejected")
+            self._device_stat(device, f"rejected_{exc.reason.value}")  # why, for fleet status
             log.warning("rejected update %r from %s: %s", update_id, device, exc)
-            stats = self.device_stats.get(device)
-            if stats is not None:
-                stats[f"rejected_{exc.reason.value}"] += 1
             return Receipt(device, update_id, "rejected", self.model.version, exc.reason.value, exc.detail)
         except Exception as exc:  # a bug must cost one update, not the daemon
             update_id = update_id or salvage_update_id(payload)
@@ -607,10 +605,12 @@ class Aggregator:
         return max(latest.version if latest else 0, self.model.version) + 1
 
     def _model_message(self, version: int, parent: int, params: dict[str, np.ndarray],
-                       cohort: tuple[str, ...] = ()) -> tuple[ModelMessage, bytes]:
+                       cohort: tuple[str, ...] | None = None) -> tuple[ModelMessage, bytes]:
+        """A release, or with ``cohort`` (even an empty one) a staged candidate."""
         model = ModelMessage(fleet=self.config.fleet, version=version, parent=parent, arch=self.config.arch,
                              task=self.config.task, params=params, created=time.time(), backbone=self.model.backbone,
-                             next_key=self.next_key, cohort=cohort, stage="candidate" if cohort else "release")
+                             next_key=self.next_key, cohort=cohort or (),
+                             stage="release" if cohort is None else "candidate")
         return model, model.encode(self.signer)
 
     def _make_current(self, params: dict[str, np.ndarray], info: dict[str, Any], *, parent: int | None = None) -> VersionRecord:

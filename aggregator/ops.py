@@ -35,7 +35,7 @@ from fedmq.broker import topics
 from fedmq.broker.errors import FedmqError, Reason, RejectedMessage
 from fedmq.broker.messages import MAX_CLOCK_SKEW_S, DeviceStatus, ModelMessage, OpsRequest, OpsResponse, decode_message
 from fedmq.broker.operators import REQUEST_WINDOW_S, OperatorVerifier
-from fedmq.broker.wire import MAX_HEADER_BYTES, decode_frame
+from fedmq.broker.wire import MAX_HEADER_BYTES, peek_header
 
 from .registry import RegistryError, VersionRecord
 
@@ -140,7 +140,8 @@ class OpsService:
             self.presence.pop(device, None)  # an empty payload clears a retained status: gone
             return
         try:
-            status: DeviceStatus = decode_message(payload, max_bytes=64 * 1024, expect=DeviceStatus)
+            status: DeviceStatus = decode_message(payload, max_bytes=self.aggregator.config.limits.max_status_bytes,
+                                                  expect=DeviceStatus)
         except RejectedMessage as exc:
             log.debug("unreadable status of %s: %s", device, exc)
             return
@@ -392,10 +393,8 @@ class OpsService:
 
 def _salvage_request_id(payload: bytes | bytearray) -> str:
     """The request id of a request that failed its checks, so a 3.1.1 client can match the refusal."""
-    try:
-        value = decode_frame(payload, max_bytes=MAX_HEADER_BYTES).header.get("request_id")
-    except RejectedMessage:
-        return "unknown"
+    header = peek_header(payload)
+    value = header.get("request_id") if header is not None else None
     if isinstance(value, str) and 0 < len(value) <= 64 and all(c.isalnum() or c in "_.:-" for c in value):
         return value
     return "unknown"

@@ -114,6 +114,7 @@ class Agent:
         self._stop = asyncio.Event()
         self.paused = False
         self.frozen = 0  # an operator's freeze: install nothing newer than this version (0 = none)
+        self._held_by_freeze: bytes | None = None  # the newest model a freeze kept out, installed once it lifts
         self.evaluation: dict[str, float] = {}  # the newest model's (or candidate's) evaluation on local data
         self._evaluating: set[asyncio.Task[None]] = set()
         self.metrics = AgentMetrics()
@@ -204,6 +205,9 @@ class Agent:
                  f": {command.reason}" if command.reason else "")
         if not self.paused:
             self._model_changed.set()  # train on the model in hand if it is new to us
+        held, self._held_by_freeze = self._held_by_freeze, None
+        if held is not None:
+            self._on_model(held)  # the retained model a freeze kept out: installed now if allowed
         return command
 
     def dataset(self) -> tuple[np.ndarray, np.ndarray]:
@@ -582,6 +586,8 @@ class Agent:
                 log.debug("%s: %s", self.device, exc)  # the retained model again after a reconnect
                 return
             self.counters[f"models_rejected_{exc.reason.value}"] += 1
+            if exc.reason is Reason.FROZEN:
+                self._held_by_freeze = bytes(payload)
             self.detail = f"rejected model: {exc}"
             log.warning("%s: rejected model: %s", self.device, exc)
             return

@@ -226,8 +226,10 @@ def test_the_device_installs_no_candidate_nothing_past_a_freeze_and_no_far_jump(
         device.install(model_payload(key, 3))
     assert refused.value.reason is Reason.FROZEN and device.model_version == 2
     assert device.status().frozen == 2
+    device._on_model(model_payload(key, 4))  # as from the model topic: kept out by the freeze
+    assert device.model_version == 2 and device.counters["models_rejected_frozen"] == 1
     device.apply_command(signed_command(signer(fleet_pki, "alice"), command="unfreeze"), "dev-1")
-    assert device.install(model_payload(key, 3)).version == 3
+    assert device.model_version == 4, "the model the freeze kept out is installed once it lifts"
 
 
 def test_a_release_on_the_canary_topic_is_not_evaluated_as_a_candidate(device: Agent) -> None:
