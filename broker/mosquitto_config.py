@@ -274,7 +274,8 @@ def render_acl(fleet: str, *, aggregator: str, operators: list[str] | tuple[str,
     def device_topic_denials(name: str) -> list[str]:
         # Patterns give every identity the device rights on topics named after itself; a
         # privileged identity is no device, so those topics are closed to it.
-        per_device = (topics.update_topic, topics.status_topic, topics.receipt_topic, topics.command_topic)
+        per_device = (topics.update_topic, topics.status_topic, topics.receipt_topic, topics.command_topic,
+                      topics.freeze_topic)
         return [f"topic deny {topic_of(fleet, name)}" for topic_of in per_device]
 
     lines = [
@@ -304,6 +305,7 @@ def render_acl(fleet: str, *, aggregator: str, operators: list[str] | tuple[str,
             f"user {name}",
             *device_topic_denials(name),
             f"topic write {commands}",
+            f"topic write {commands}/freeze",
             f"topic write {topics.ops_request_topic(fleet, name)}",
             f"topic read {topics.ops_response_topic(fleet, name)}",
             f"topic read {statuses}",
@@ -320,7 +322,9 @@ def render_acl(fleet: str, *, aggregator: str, operators: list[str] | tuple[str,
         f"pattern write {last_level(topics.status_topic(fleet, placeholder), '%u')}",
         f"pattern read {last_level(topics.receipt_topic(fleet, placeholder), '%u')}",
         f"pattern read {last_level(topics.command_topic(fleet, placeholder), '%u')}",
+        f"pattern read {last_level(topics.command_topic(fleet, placeholder), '%u')}/freeze",
         f"pattern read {topics.broadcast_command_topic(fleet)}",
+        f"pattern read {topics.broadcast_freeze_topic(fleet)}",
         f"pattern read {model}",
         f"pattern read {canary}",
         f"pattern read {artifacts}",

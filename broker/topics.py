@@ -86,6 +86,24 @@ def broadcast_command_topic(fleet: str) -> str:
     return f"{fleet_prefix(fleet)}/cmd/all"
 
 
+def freeze_topic(fleet: str, device: str) -> str:
+    """Operator freeze/unfreeze for one device: a retained slot of its own beside ``cmd/{device}``,
+    so that a freeze never replaces a retained pause (a topic retains one message)."""
+    return f"{command_topic(fleet, device)}/freeze"
+
+
+def broadcast_freeze_topic(fleet: str) -> str:
+    """Operator freeze/unfreeze for every device."""
+    return f"{broadcast_command_topic(fleet)}/freeze"
+
+
+def command_topic_for(fleet: str, command: str, device: str | None = None) -> str:
+    """Where ``command`` goes: pause/resume on ``cmd/{device|all}``, freeze/unfreeze on ``.../freeze``."""
+    if command in ("freeze", "unfreeze"):
+        return freeze_topic(fleet, device) if device else broadcast_freeze_topic(fleet)
+    return command_topic(fleet, device) if device else broadcast_command_topic(fleet)
+
+
 def ops_request_topic(fleet: str, client: str) -> str:
     """Request from an ops client to the aggregator (MQTT 3.1.1 fallback of request/response)."""
     return f"{fleet_prefix(fleet)}/ops/request/{check_name(client, 'ops client id')}"
@@ -126,7 +144,7 @@ def aggregator_status_topic(fleet: str) -> str:
 @dataclass(frozen=True, slots=True)
 class ParsedTopic:
     """A fedmq topic taken apart: ``kind`` is ``model``, ``update``, ``receipt``, ``status``,
-    ``cmd``, ``artifact``, ``ops_request``, ``ops_response`` or ``aggregator_status``; ``device``
+    ``cmd``, ``freeze``, ``artifact``, ``ops_request``, ``ops_response`` or ``aggregator_status``; ``device``
     is the last level where the topic has one (``all`` for the broadcast command topic, the
     sha256 for an artifact)."""
 
@@ -155,6 +173,8 @@ def parse_topic(topic: str) -> ParsedTopic:
             return ParsedTopic(fleet, "cmd", "all")
         check_device(device)
         return ParsedTopic(fleet, head, device)
+    if len(rest) == 3 and head == "cmd" and rest[2] == "freeze":
+        return ParsedTopic(fleet, "freeze", rest[1] if rest[1] == "all" else check_device(rest[1]))
     if len(rest) == 2 and head == "artifact":
         return ParsedTopic(fleet, "artifact", check_sha256(rest[1]))
     if len(rest) == 2 and rest == ["aggregator", "status"]:

@@ -157,9 +157,11 @@ class Agent:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("%s: ignoring unreadable %s: %s", self.device, path, exc)
 
-    def apply_command(self, payload: bytes, target: str = "", now: float | None = None) -> Command | None:
+    def apply_command(self, payload: bytes, target: str = "", now: float | None = None,
+                      setting: str | None = None) -> Command | None:
         """Obey an operator command received on ``target``'s command topic (this device's id, or
-        ``all``) if it counts and is newer than the one in force for its setting; return it, or None.
+        ``all``) for ``setting`` (``pause``: ``cmd/...``, ``freeze``: ``cmd/.../freeze``) if it
+        counts and is newer than the one in force for its setting; return it, or None.
 
         With the fleet's operator CA configured, a command counts only when an operator
         certificate of that CA signed it for this fleet and this target. Whatever its signature,
@@ -177,6 +179,9 @@ class Agent:
             if command.target and (command.target not in ("all", self.device) or (target and command.target != target)):
                 raise RejectedMessage(Reason.REPLAYED, f"command for {command.target!r} arrived on the topic of "
                                       f"{target or self.device!r}")
+            kind = "freeze" if command.command in ("freeze", "unfreeze") else "pause"
+            if setting is not None and kind != setting:
+                raise RejectedMessage(Reason.REPLAYED, f"a {command.command} command on the {setting} topic")
             if command.issued_at > now + MAX_CLOCK_SKEW_S:
                 raise RejectedMessage(Reason.REPLAYED, f"command issued_at is {command.issued_at - now:.0f} s in the future; "
                                       "check the operator's clock")
@@ -510,6 +515,8 @@ class Agent:
         await client.subscribe(topics.receipt_topic(fleet, self.device), qos=1)
         await client.subscribe(topics.command_topic(fleet, self.device), qos=1)
         await client.subscribe(topics.broadcast_command_topic(fleet), qos=1)
+        await client.subscribe(topics.freeze_topic(fleet, self.device), qos=1)
+        await client.subscribe(topics.broadcast_freeze_topic(fleet), qos=1)
         await client.subscribe(topics.canary_topic(fleet), qos=1)
         await self._fetch_artifact_if_missing(client)
         await self.publish_status(client)
@@ -553,7 +560,8 @@ class Agent:
         artifact_filter = topics.artifacts_filter(fleet)
         receipt_topic = topics.receipt_topic(fleet, self.device)
         canary_topic = topics.canary_topic(fleet)
-        broadcast_topic = topics.broadcast_command_topic(fleet)
+        broadcast_topics = (topics.broadcast_command_topic(fleet), topics.broadcast_freeze_topic(fleet))
+        freeze_topics = (topics.freeze_topic(fleet, self.device), topics.broadcast_freeze_topic(fleet))
         async for message in client.messages:
             payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
             self.counters["bytes_received"] += len(payload)
@@ -573,9 +581,10 @@ class Agent:
                     task = asyncio.create_task(self._on_candidate(bytes(payload)), name=f"{self.device}-canary")
                     self._evaluating.add(task)
                     task.add_done_callback(self._evaluating.discard)
-            elif payload:  # cmd/{device} or cmd/all; an empty payload only clears the retained command
-                target = "all" if message.topic.matches(broadcast_topic) else self.device
-                self.apply_command(payload, target)
+            elif payload:  # cmd/{device|all}[/freeze]; an empty payload only clears the retained command
+                target = "all" if any(message.topic.matches(t) for t in broadcast_topics) else self.device
+                setting = "freeze" if any(message.topic.matches(t) for t in freeze_topics) else "pause"
+                self.apply_command(payload, target, setting=setting)
                 self._status_dirty.set()
 
     def _on_model(self, payload: bytes) -> None:

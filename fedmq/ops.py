@@ -299,7 +299,7 @@ class OpsClient:
     async def command(self, command: str, device: str | None = None, reason: str = "", version: int = 0) -> Command:
         """Publish a retained pause/resume/freeze/unfreeze for ``device`` (or every device), signed
         by the operator identity when there is one, and return it."""
-        topic = topics.command_topic(self.fleet, device) if device else topics.broadcast_command_topic(self.fleet)
+        topic = topics.command_topic_for(self.fleet, command, device)
         issued_by = self.signer.name if self.signer is not None else self.client_id
         message = Command(command, issued_at=time.time(), issued_by=issued_by, reason=reason,  # type: ignore[arg-type]
                           target=device or "all", fleet=self.fleet, version=version)

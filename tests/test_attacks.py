@@ -486,10 +486,14 @@ async def test_fleet_commands_count_only_signed_by_an_operator_and_not_from_the_
         async with OpsClient(deployment.settings(OPERATOR), fleet, OPERATOR, signer=operator) as ops:
             await ops.pause()
             await wait_until(lambda: all(a.paused for a in agents))
-            await ops.resume()
-            await wait_until(lambda: not any(a.paused for a in agents))
             await ops.command("freeze", version=1)
-            await wait_until(lambda: all(a.frozen == 1 for a in agents))
+            await wait_until(lambda: all(a.frozen == 1 and a.paused for a in agents))
+            # pause and freeze are retained apart: a device that connects now gets both
+            late = deployment.agent(2)
+            async with daemons(deployment, None, [late]):
+                await wait_until(lambda: late.paused and late.frozen == 1)
+            await ops.resume()
+            await wait_until(lambda: not any(a.paused for a in agents) and all(a.frozen == 1 for a in agents))
 
 
 @pytest.mark.asyncio

@@ -176,6 +176,8 @@ async def test_device_cannot_publish_outside_its_own_update_and_status(tls_broke
         topics.model_topic(FLEET),
         topics.command_topic(FLEET, "dev-b"),
         topics.broadcast_command_topic(FLEET),
+        topics.freeze_topic(FLEET, "dev-a"),  # not even its own: commands come from operators
+        topics.broadcast_freeze_topic(FLEET),
         topics.receipt_topic(FLEET, "dev-b"),
         topics.receipt_topic(FLEET, "dev-a"),  # not even its own receipts: those come from the aggregator
         topics.artifact_topic(FLEET, "ab" * 32),
@@ -224,6 +226,8 @@ async def test_device_publishes_its_update_and_status_and_reads_model_own_receip
     own_receipt, other_receipt = (topics.receipt_topic(FLEET, "dev-a"), token()), (topics.receipt_topic(FLEET, "dev-b"), token())
     own_command, other_command = (topics.command_topic(FLEET, "dev-a"), token()), (topics.command_topic(FLEET, "dev-b"), token())
     broadcast = (topics.broadcast_command_topic(FLEET), token())
+    own_freeze, other_freeze = (topics.freeze_topic(FLEET, "dev-a"), token()), (topics.freeze_topic(FLEET, "dev-b"), token())
+    broadcast_freeze = (topics.broadcast_freeze_topic(FLEET), token())
     async with connect(tls_broker, AGGREGATOR) as aggregator, connect(tls_broker, OPERATOR) as operator, \
             connect(tls_broker, "dev-a") as device:
         await aggregator.subscribe(topics.updates_filter(FLEET), qos=1)
@@ -233,13 +237,13 @@ async def test_device_publishes_its_update_and_status_and_reads_model_own_receip
         await device.publish(*status, qos=1)
         for message in (other_receipt, model, artifact, own_receipt):
             await aggregator.publish(*message, qos=1)
-        for message in (other_command, own_command, broadcast):
+        for message in (other_command, other_freeze, own_command, broadcast, own_freeze, broadcast_freeze):
             await operator.publish(*message, qos=1)
         at_aggregator, at_device = await asyncio.gather(
             receive(aggregator, {update, status}),
-            receive(device, {model, artifact, own_receipt, own_command, broadcast}),
+            receive(device, {model, artifact, own_receipt, own_command, broadcast, own_freeze, broadcast_freeze}),
         )
-    assert other_receipt not in at_device and other_command not in at_device
+    assert other_receipt not in at_device and other_command not in at_device and other_freeze not in at_device
     assert {update, status} <= at_aggregator
 
 
@@ -255,7 +259,8 @@ async def test_operator_and_aggregator_rights(tls_broker: Broker) -> None:
                           topics.receipt_topic(FLEET, "dev-a")]
     # (the aggregator may write device statuses: it deletes an oversized retained one, see render_acl)
     aggregator_forbidden = [topics.update_topic(FLEET, AGGREGATOR), topics.status_topic(FLEET, AGGREGATOR),
-                            topics.command_topic(FLEET, "dev-a"), topics.broadcast_command_topic(FLEET)]
+                            topics.command_topic(FLEET, "dev-a"), topics.broadcast_command_topic(FLEET),
+                            topics.freeze_topic(FLEET, "dev-a"), topics.broadcast_freeze_topic(FLEET)]
     async with connect(tls_broker, AGGREGATOR) as aggregator, connect(tls_broker, OPERATOR) as operator, \
             connect(tls_broker, "dev-a") as device:
         for watcher in (aggregator, operator, device):
