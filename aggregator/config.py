@@ -90,7 +90,7 @@ class AggregatorConfig:
     norm_mode: str = "clip"
     #: the norm bound and weight cap of every round (aggregator/influence.py); on by default
     influence: InfluenceSettings = field(default_factory=InfluenceSettings)
-    robust_weighted: bool = True        # median / trimmed_mean weigh updates by their capped example counts
+    robust_weighted: bool = False       # median / trimmed_mean: weigh updates by their capped example counts (lowers the breakdown point)
     limits: UpdateLimits = field(default_factory=UpdateLimits)
     ops_auth: OpsAuth = field(default_factory=OpsAuth)
     signing_key: Path | None = None     # Ed25519 private key (PEM): models are signed when set
@@ -211,7 +211,7 @@ class AggregatorConfig:
                                     expect="0 (off) or a number >= 1"),
                 max_examples=r.get("max_examples", int, 0, check=lambda v: v >= 0, expect="0 (off) or a positive integer"),
             )
-            robust_weighted = r.get("robust_weighted", bool, True)
+            robust_weighted = r.get("robust_weighted", bool, False)
             lim = top.section("limits")
             max_update_bytes = lim.get("max_update_bytes", int, DEFAULT_MAX_UPDATE_BYTES,
                                        check=lambda v: 1024 <= v <= 256 * 1024 * 1024, expect="1 KiB to 256 MiB")

@@ -207,7 +207,12 @@ class Aggregator:
     def _load_history(self) -> InfluenceHistory:
         """The weights and norms of the fleet's recent accepted updates (they bound every round)."""
         try:
-            return InfluenceHistory.from_json(json.loads(self._history_path().read_text()))
+            data = json.loads(self._history_path().read_text())
+            if data.get("version", 0) > self.model.version:
+                # stopped between storing the history and the registry row of that version: the
+                # round resumes from the journal, so it gets the bounds it had
+                data = data.get("before", {})
+            return InfluenceHistory.from_json(data)
         except FileNotFoundError:
             return InfluenceHistory()
         except (OSError, ValueError, TypeError, AttributeError) as exc:
@@ -215,10 +220,11 @@ class Aggregator:
                         self._history_path(), exc)
             return InfluenceHistory()
 
-    def _save_history(self, version: int) -> None:
-        # with the version, before its registry row (a crash between the two leaves the history one
-        # round ahead of the resumed version: its bounds differ a little, nothing is lost)
-        write_atomic(self._history_path(), json.dumps({"version": version, **self.history.to_json()}).encode())
+    def _save_history(self, version: int, history: InfluenceHistory) -> None:
+        # with the version, before its registry row; the history before it too, for a restart
+        # that finds no registry row for ``version`` (see _load_history)
+        write_atomic(self._history_path(), json.dumps({"version": version, **history.to_json(),
+                                                       "before": self.history.to_json()}).encode())
 
     def _open_round(self) -> SyncRound | AsyncBuffer:
         self._deadline_warned = False
@@ -413,6 +419,8 @@ class Aggregator:
         except topics.TopicError:
             parsed = None
         if parsed is not None and parsed.kind == "update" and parsed.fleet == self.config.fleet and parsed.device:
+            if not message.payload:
+                return  # an empty payload deletes a retained update (ours, below): nothing to answer
             updates.append((parsed.device, message.payload if isinstance(message.payload, bytes | bytearray) else b""))
             if message.retain and message.payload:
                 # agents never retain an update: one parked on the broker would come back at every
@@ -613,16 +621,19 @@ class Aggregator:
                              stage="release" if cohort is None else "candidate")
         return model, model.encode(self.signer)
 
-    def _make_current(self, params: dict[str, np.ndarray], info: dict[str, Any], *, parent: int | None = None) -> VersionRecord:
-        """Store ``params`` as the next version, make it the fleet's model and open its round."""
+    def _make_current(self, params: dict[str, np.ndarray], info: dict[str, Any], *, parent: int | None = None,
+                      history: InfluenceHistory | None = None) -> VersionRecord:
+        """Store ``params`` as the next version, make it the fleet's model and open its round
+        (with ``history``, the fleet's history with the closed round in it, from then on)."""
+        history = self.history if history is None else history
         version = self._next_version()
         model, payload = self._model_message(version, self.model.version if parent is None else parent, params)
         if self.optimizer.name != "sgd":
             # with the version, before its registry row: a restart continues the same trajectory
             self._save_optimizer_state(version)
-        self._save_history(version)
+        self._save_history(version, history)
         record = self.registry.add(version, model.parent, payload, info)
-        self.model, self.model_payload = model, payload
+        self.model, self.model_payload, self.history = model, payload, history
         # the old round is over (its result taken, or dropped): the new one reuses its buffers.
         # Safe because every change of round holds self._lock, as every ingest does
         self.round.release()
@@ -647,27 +658,31 @@ class Aggregator:
         if clipped:
             info["clipped"] = clipped
             self.counters["updates_clipped"] += clipped
-        self.history.record(result.applied)
+        # kept once the version is stored: a failed store and its retry must not count the round twice
+        history = self.history.with_round(result.applied)
         self.metrics.observe_round(info["round_seconds"])
         self.counters["rounds"] += 1
         if self.config.rollout.enabled:
-            return self._stage(params, {**info, "source": "round"})
-        record = self._make_current(params, info)
+            return self._stage(params, {**info, "source": "round"}, history)
+        record = self._make_current(params, info, history=history)
         log.info("v%d published: %d updates, %d examples, train loss %.4f", record.version, result.num_updates,
                  result.num_examples, result.metrics.get("train_loss", float("nan")))
         return record
 
     # -- staged rollout ---------------------------------------------------------------------------
 
-    def _stage(self, params: dict[str, np.ndarray], info: dict[str, Any]) -> VersionRecord:
+    def _stage(self, params: dict[str, np.ndarray], info: dict[str, Any],
+               history: InfluenceHistory | None = None) -> VersionRecord:
         """Store ``params`` as a candidate and hand it to a cohort; the fleet stays on its model."""
+        history = self.history if history is None else history
         version = self._next_version()
         cohort = self.config.rollout.choose_cohort(self.devices_online, version)
         model, payload = self._model_message(version, self.model.version, params, cohort)
         if self.optimizer.name != "sgd":
             self._save_optimizer_state(version)
-        self._save_history(version)
+        self._save_history(version, history)
         record = self.registry.add(version, self.model.version, payload, {**info, "stage": "canary", "cohort": list(cohort)})
+        self.history = history
         self.canary = Canary(version, self.model.version, cohort, time.time())
         self.canary_payload, self._canary_params = payload, params
         self.round.release()

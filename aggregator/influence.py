@@ -7,7 +7,7 @@ model wherever it points. So every round gets two bounds, fixed when the round o
 updates the fleet had accepted before (pure logic, no I/O):
 
 - **weight cap**: an update counts ``min(num_examples, weight_factor x median)`` where the median
-  is that of the recent accepted updates' weights (and never more than ``max_examples`` when that
+  (the lower middle value) is that of the recent accepted updates' weights (and never more than ``max_examples`` when that
   is configured). Before the fleet has :data:`MIN_HISTORY` accepted updates there is no median to
   trust, and every update counts the same (weight 1), as in an unweighted mean.
 - **norm bound** (``max_norm = "auto"``, the default): ``norm_factor x median`` of the recent
@@ -38,6 +38,8 @@ HISTORY_WINDOW = 200
 MIN_HISTORY = 5
 #: Without a history, a delta may be at most this many times as long as the model it improves.
 BOOTSTRAP_NORM_RATIO = 1.0
+#: The smallest norm bound a history gives (a history of zero updates must not mean "no bound").
+MIN_NORM_BOUND = 1e-12
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,25 +114,35 @@ class InfluenceHistory:
                 self.weights.append(float(weight))
                 self.norms.append(float(norm))
 
+    def with_round(self, applied: Iterable[tuple[float, float]]) -> InfluenceHistory:
+        """A copy with a closed round's updates added (the daemon keeps it once the version is stored)."""
+        history = InfluenceHistory(self.weights.maxlen or HISTORY_WINDOW)
+        history.record(zip(self.weights, self.norms, strict=True))
+        history.record(applied)
+        return history
+
     def bounds(self, settings: InfluenceSettings, model: Mapping[str, np.ndarray]) -> RoundBounds:
         """The bounds of the next round."""
         known = len(self) >= MIN_HISTORY
         caps = []
         if settings.max_examples:
             caps.append(float(settings.max_examples))
+        # median_low: with an even history, the lower of the two middle values, so that a
+        # device that holds exactly half of it cannot raise the median either
         if known and settings.weight_factor:
-            caps.append(settings.weight_factor * statistics.median(self.weights))
+            caps.append(settings.weight_factor * statistics.median_low(self.weights))
         equal = not known and bool(settings.weight_factor)
         if settings.max_norm is not None:
             norm: float | None = settings.max_norm
         elif not settings.auto_norm:
             norm = None
         elif known:
-            norm = settings.norm_factor * statistics.median(self.norms)
+            # at least half of the recent updates were zero: so is (nearly) what the bound lets through
+            norm = max(settings.norm_factor * statistics.median_low(self.norms), MIN_NORM_BOUND)
         else:
             norm = BOOTSTRAP_NORM_RATIO * model_norm(model)
-        if norm is not None and not norm > 0:
-            norm = None  # an all-zero model or history: nothing to scale a bound by
+            if not norm > 0:
+                norm = None  # an all-zero initial model: nothing to scale a first bound by
         return RoundBounds(min(caps) if caps else None, norm, equal_weights=equal)
 
     def to_json(self) -> dict[str, Any]:

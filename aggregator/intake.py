@@ -55,7 +55,8 @@ def salvage_update_id(payload: bytes | bytearray | memoryview) -> str:
 class DeviceRateLimit:
     """A token bucket per device: ``burst`` updates at once, refilled at ``per_second`` (sans-IO:
     the caller passes a monotonic ``now``). Checked before an update is decoded, so a flood from
-    one device costs a dictionary lookup per update, not a decode and a journal write."""
+    one device costs a dictionary lookup and a read of the header (for the receipt's update id)
+    per update, not a decode, the checks and a journal write."""
 
     def __init__(self, per_second: float, burst: int, *, max_devices: int = 100_000) -> None:
         self.per_second = per_second

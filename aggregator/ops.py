@@ -20,6 +20,7 @@ and, for a mutating op, was not seen before: a broker that injects or replays re
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -33,6 +34,7 @@ from paho.mqtt.properties import Properties
 
 from fedmq.broker import topics
 from fedmq.broker.errors import FedmqError, Reason, RejectedMessage
+from fedmq.broker.files import write_atomic
 from fedmq.broker.messages import MAX_CLOCK_SKEW_S, DeviceStatus, ModelMessage, OpsRequest, OpsResponse, decode_message
 from fedmq.broker.operators import REQUEST_WINDOW_S, OperatorVerifier
 from fedmq.broker.wire import MAX_HEADER_BYTES, peek_header
@@ -124,8 +126,10 @@ class OpsService:
         self._answers: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         auth = aggregator.config.ops_auth
         self.verifier = OperatorVerifier.from_files(auth.ca_file, auth.crl_file) if auth.ca_file else None
-        #: signed mutating requests seen: (operator, request id) -> issued_at, kept for the freshness window
-        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+        #: signed mutating requests seen: (operator, request id) -> issued_at, kept for the freshness
+        #: window, on disk too (a restart within the window must not make a replay count again)
+        self._seen_path = aggregator.config.state_dir / "ops_seen.json"
+        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict(self._load_seen())
         self._ops: dict[str, Callable[[aiomqtt.Client, OpsRequest], Awaitable[tuple[dict[str, Any], dict[str, np.ndarray]]]]] = {
             "status": self._status, "model.list": self._model_list, "model.show": self._model_show,
             "model.get": self._model_get, "model.push": self._model_push, "model.rollback": self._model_rollback,
@@ -252,11 +256,25 @@ class OpsService:
                                   f"{REQUEST_WINDOW_S:g} s are refused (a replay, or a clock far behind)")
         return operator
 
+    def _load_seen(self) -> list[tuple[tuple[str, str], float]]:
+        try:
+            rows = json.loads(self._seen_path.read_text())
+            return [((str(operator), str(request_id)), float(at)) for operator, request_id, at in rows]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, TypeError) as exc:
+            # refusing every request until the window passes would lock operators out; say so instead
+            log.warning("ignoring unreadable %s (%s): signed requests of the last %g s could be replayed once",
+                        self._seen_path, exc, REQUEST_WINDOW_S)
+            return []
+
     def _remember(self, operator: str, request: OpsRequest) -> None:
+        """Remember a signed mutating request before doing it, on disk (written before the op)."""
         self._seen[(operator, request.request_id)] = request.issued_at
         oldest = time.time() - REQUEST_WINDOW_S - MAX_CLOCK_SKEW_S
-        while self._seen and (next(iter(self._seen.values())) < oldest or len(self._seen) > 100_000):
+        while self._seen and (next(iter(self._seen.values())) < oldest or len(self._seen) > 10_000):
             self._seen.popitem(last=False)
+        write_atomic(self._seen_path, json.dumps([[op, rid, at] for (op, rid), at in self._seen.items()]).encode())
 
     async def _answer(self, client: aiomqtt.Client, requester: str, request: OpsRequest, operator: str = "") -> bytes:
         self.aggregator.counters["ops_requests"] += 1

@@ -4,22 +4,31 @@ own data says it is not worse than the version the fleet runs (pure logic, no I/
 The aggregator publishes the candidate retained on the canary topic, naming its cohort. Each
 cohort device evaluates the candidate *and* its installed model on its local data and reports both
 in its retained status (``evaluation``). Once enough reports are in (``min_reports``, default the
-whole cohort), the example-weighted mean accuracies decide:
+whole cohort), the **median over the reporting devices of their accuracy drop** (baseline minus
+candidate, each device one vote) decides:
 
-- ``baseline - candidate <= max_accuracy_drop``: **promote**. The candidate's weights become the
-  next version on the model topic, for everyone.
+- ``drop <= max_accuracy_drop``: **promote**. The candidate's weights become the next version on
+  the model topic, for everyone.
 - otherwise, or when the reports do not come within ``timeout_s``: **roll back**. The baseline's
   weights are re-published as the next version, so every device moves on to a higher version
   (rollback protection holds) and trains again from weights known to be good.
 
 No device installs a candidate before the decision: the canary is an evaluation on real device
 data, and a bad candidate never serves a prediction.
+
+Reports are self-declared. A median of per-device drops is moved beyond the honest devices' own
+range only by lying devices that are at least half of those reporting, whatever they claim; an
+example-weighted mean (what decided before) let one device that claimed 10^15 examples and a
+perfect candidate promote anything. Accuracies outside [0, 1] are refused. The decision's
+accuracies are still shown as example-weighted means, with each device's examples capped at
+twice the median of the reports.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -98,6 +107,8 @@ class Canary:
         needed = ("accuracy", "baseline_accuracy", "examples")
         if not all(key in evaluation and math.isfinite(evaluation[key]) for key in needed) or evaluation["examples"] <= 0:
             return False
+        if not (0.0 <= evaluation["accuracy"] <= 1.0 and 0.0 <= evaluation["baseline_accuracy"] <= 1.0):
+            return False
         self.reports[device] = dict(evaluation)
         return True
 
@@ -108,16 +119,20 @@ class Canary:
         """Promote or roll back once the reports are in or the time is up; None while waiting."""
         needed = self.needed(policy)
         if needed and len(self.reports) >= needed:
-            weights = [r["examples"] for r in self.reports.values()]
+            reports = list(self.reports.values())
+            drop = statistics.median(r["baseline_accuracy"] - r["accuracy"] for r in reports)
+            cap = 2.0 * statistics.median_low(r["examples"] for r in reports)
+            weights = [min(r["examples"], cap) for r in reports]
             total = sum(weights)
-            candidate = sum(r["accuracy"] * w for r, w in zip(self.reports.values(), weights, strict=True)) / total
-            baseline = sum(r["baseline_accuracy"] * w for r, w in zip(self.reports.values(), weights, strict=True)) / total
-            drop = baseline - candidate
+            candidate = sum(r["accuracy"] * w for r, w in zip(reports, weights, strict=True)) / total
+            baseline = sum(r["baseline_accuracy"] * w for r, w in zip(reports, weights, strict=True)) / total
+            counted = f"median over {len(reports)} cohort device(s)"
             if drop <= policy.max_accuracy_drop + 1e-12:
-                reason = f"cohort accuracy {candidate:.4f} vs {baseline:.4f} on v{self.baseline}"
+                reason = (f"accuracy drop {drop:.4f} ({counted}); cohort accuracy {candidate:.4f} vs {baseline:.4f} "
+                          f"on v{self.baseline}")
                 return Decision(True, reason, candidate, baseline, len(self.reports))
-            reason = (f"cohort accuracy {candidate:.4f} is {drop:.4f} below v{self.baseline}'s {baseline:.4f} "
-                      f"(max_accuracy_drop {policy.max_accuracy_drop})")
+            reason = (f"accuracy drop {drop:.4f} ({counted}) is over max_accuracy_drop {policy.max_accuracy_drop}; "
+                      f"cohort accuracy {candidate:.4f} vs v{self.baseline}'s {baseline:.4f}")
             return Decision(False, reason, candidate, baseline, len(self.reports))
         if now - self.started >= policy.timeout_s:
             return Decision(False, f"only {len(self.reports)} of {needed} cohort evaluations within {policy.timeout_s:g}s",

@@ -118,6 +118,7 @@ class WeightedMean:
         self.max_norm = max_norm
         self.norm_mode = norm_mode
         self.clipped = 0
+        self.clipped_now = False  # whether the pending (checked, not added) delta was clipped
         self.last_norm = math.nan
         self._key = _shapes_key(shapes)
         spare = _take_spare(self._key)
@@ -164,6 +165,7 @@ class WeightedMean:
             raise RuntimeError("this mean was released when its round ended; its buffers belong to another round")
         if self._pending is not None:
             self._rewind()
+        self.clipped_now = False
         squared = self._fold(delta, weight)
         if not squared <= MAX_DELTA_NORM ** 2:
             self._rewind()
@@ -173,12 +175,27 @@ class WeightedMean:
             if self.norm_mode == "reject":
                 self._rewind()
                 raise RejectedMessage(Reason.NORM, f"update norm {norm:.6g} exceeds the round's bound {self.max_norm:.6g}")
-            # clip: take back the part of the delta beyond the bound with a second, negative fold
-            # (a pass only for a clipped delta; a rewind would refold up to SNAPSHOT_EVERY others)
-            correction = float(weight) * (self.max_norm / norm - 1.0)
-            self._fold(delta, correction)
-            folds, norm = (float(weight), correction), self.max_norm
+            scale = self.max_norm / norm
+            if scale >= self.CORRECTION_MIN_SCALE:
+                # clip: take back the part of the delta beyond the bound with a second, negative
+                # fold (a pass only for a clipped delta; a rewind would refold up to SNAPSHOT_EVERY)
+                correction = float(weight) * (scale - 1.0)
+                self._fold(delta, correction)
+                folds = (float(weight), correction)
+            else:
+                # far over the bound, w*x and its correction would cancel in float32 and take the
+                # bits of the updates folded before with them: fold it again, scaled, from the
+                # snapshot (a rewind, at most SNAPSHOT_EVERY folds, only for such a delta)
+                self._rewind()
+                self._fold(delta, float(weight) * scale)
+                folds = (float(weight) * scale,)
+            norm = self.max_norm
+            self.clipped_now = True
         self._pending = (delta, float(weight), folds, norm)
+
+    #: A clip whose scale is below this refolds the delta scaled instead of correcting the fold:
+    #: ``w*x - w*(1-s)*x`` loses about ``eps32 / s`` of the sums' bits to cancellation.
+    CORRECTION_MIN_SCALE = 1.0 / 64
 
     def add(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
         """Fold ``delta`` (names and shapes already checked) with ``weight`` > 0.
@@ -189,7 +206,7 @@ class WeightedMean:
             self.check(delta, weight)
         assert self._pending is not None
         _, _, folds, self.last_norm = self._pending
-        if len(folds) > 1:
+        if self.clipped_now:
             self.clipped += 1
         self._pending = None
         self._since.extend((delta, folded_with) for folded_with in folds)  # a rewind repeats each fold

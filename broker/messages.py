@@ -272,7 +272,9 @@ class ModelMessage:
             header["next_key"] = self.next_key
         if self.cohort:
             header["cohort"] = list(self.cohort)  # only on candidates: older readers refuse unknown keys
-        if self.stage != "release":
+        if self.stage != "release" and not self.cohort:
+            # a cohort already marks a candidate (inside the signed bytes too); the key is written
+            # only when it is needed, as devices before this version refuse unknown keys
             header["stage"] = self.stage
         return _encode_signed(header, self.params, signer)
 
@@ -294,7 +296,7 @@ class ModelMessage:
         if next_key is not None and not (isinstance(next_key, bytes) and len(next_key) == 32):
             raise RejectedMessage(Reason.FIELD, "next_key must be the 32 raw bytes of an Ed25519 public key")
         signed_by = _signed_by(frame, {"alg", "key"})
-        stage = _choice(h, "stage", STAGES) if "stage" in h else "release"
+        stage = _choice(h, "stage", STAGES) if "stage" in h else ("candidate" if h.get("cohort") else "release")
         version = _int(h, "version", 1, MAX_VERSION)
         parent = _int(h, "parent", 0, version - 1)
         arch = MLPArchitecture.from_wire(_need(h, "arch"))
@@ -542,7 +544,9 @@ class Command:
         header: dict[str, Any] = {"kind": self.KIND, "schema": SCHEMA, "command": self.command,
                                   "issued_at": self.issued_at, "issued_by": self.issued_by,
                                   "reason": self.reason[:MAX_TEXT]}
-        for key in ("target", "fleet", "version"):
+        # target and fleet bind a signature; unsigned, they are left out for devices before this
+        # version, which refuse unknown keys (freeze is new anyway)
+        for key in ("target", "fleet", "version") if signer is not None else ("version",):
             if getattr(self, key):
                 header[key] = getattr(self, key)
         return _encode_signed(header, None, signer)
@@ -626,9 +630,8 @@ class OpsRequest:
     def encode(self, signer: Any = None) -> bytes:
         header: dict[str, Any] = {"kind": self.KIND, "schema": SCHEMA, "request_id": self.request_id, "op": self.op,
                                   "reply_to": self.reply_to, "args": dict(self.args), "deadline": self.deadline}
-        if self.issued_at:
+        if signer is not None:  # what binds a signature; left out unsigned, for older aggregators
             header["issued_at"] = self.issued_at
-        if self.fleet:
             header["fleet"] = self.fleet
         return _encode_signed(header, self.tensors, signer)
 

@@ -120,6 +120,9 @@ class TrustStore:
         self.current: bytes = provisioned
         self.next: bytes | None = None
         self.retired: dict[str, float] = {}  # key id -> when it was retired (unix time)
+        # keys of a trust store written before rotations retired keys: which one is current is not
+        # recorded there, so all of them verify until the first install says (then the rest retire)
+        self.legacy: dict[str, bytes] = {}
         if self.path.exists():
             try:
                 self._load(json.loads(self.path.read_text()), provisioned)
@@ -129,8 +132,7 @@ class TrustStore:
 
     def _load(self, stored: dict[str, Any], provisioned: bytes) -> None:
         if "keys" in stored:  # the format before rotation retired keys: provisioned + announced keys
-            announced = [bytes.fromhex(k) for k in stored["keys"] if bytes.fromhex(k) != provisioned]
-            self.next = announced[-1] if announced else None
+            self.legacy = {key_id(raw): raw for raw in (bytes.fromhex(k) for k in stored["keys"])}
             return
         current = bytes.fromhex(stored["current"])
         retired = {str(k): float(v) for k, v in stored.get("retired", {}).items()}
@@ -148,7 +150,8 @@ class TrustStore:
     @property
     def keys(self) -> dict[str, bytes]:
         """The keys that verify now, by key id."""
-        trusted = {key_id(self.current): self.current}
+        trusted = dict(self.legacy)
+        trusted[key_id(self.current)] = self.current
         if self.next is not None:
             trusted[key_id(self.next)] = self.next
         return trusted
@@ -177,6 +180,16 @@ class TrustStore:
         installed: rotate when it was signed by the next key, remember a newly announced key.
         Returns what changed, for the log; persists atomically when anything did."""
         changes: list[str] = []
+        if self.legacy:
+            # the first install since the upgrade names the current key; every other one retires
+            if signer_kid in self.legacy:
+                self.current = self.legacy[signer_kid]
+            now = time.time()
+            for kid in self.legacy:
+                if kid != key_id(self.current):
+                    self.retired[kid] = now
+            self.legacy = {}
+            changes.append(f"key {key_id(self.current)} is the fleet key; the other keys of the old trust store are retired")
         if self.next is not None and signer_kid == key_id(self.next) and signer_kid != key_id(self.current):
             old = key_id(self.current)
             self.retired[old] = time.time()

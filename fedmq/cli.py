@@ -216,10 +216,10 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
         write_atomic(Path(args.output), conf.encode())
         Path(args.output).chmod(0o644)
         print(f"wrote {args.output} and {acl_path}", file=sys.stderr)
-    if denied:
-        print(f"revoked devices denied in the ACL: {', '.join(denied)}", file=sys.stderr)
     else:
         sys.stdout.write(conf)
+    if denied:
+        print(f"revoked devices denied in the ACL: {', '.join(denied)}", file=sys.stderr)
     return 0
 
 

@@ -170,3 +170,59 @@ def test_the_daemon_caps_a_claimed_weight_and_remembers_the_history_across_a_res
     np.testing.assert_allclose(np.array(again.model.params["dense0.weight"]) - before, 3.0, rtol=1e-6)
     again.journal.close()
     again.registry.close()
+
+
+def test_a_delta_far_over_the_bound_does_not_wipe_out_the_updates_folded_before_it() -> None:
+    """Folding w*x and then -w*(1-s)*x cancels in float32 when s is tiny: such a delta is
+    refolded scaled instead, so the honest sums keep their bits."""
+    shapes = {"w": (1000,)}
+    rng = np.random.default_rng(3)
+    honest = [{"w": (rng.standard_normal(1000) * 1e-4).astype(np.float32)} for _ in range(5)]
+    attack = {"w": np.zeros(1000, np.float32)}
+    attack["w"][:10] = 3e5  # norm about 9.5e5, just under the hard limit; bound 0.01
+    mean = WeightedMean(shapes, max_norm=0.01)
+    for delta in honest:
+        mean.add(delta, 100.0)
+    mean.add(attack, 100.0)
+    got = mean.result()["w"].astype(np.float64)
+    clipped = attack["w"].astype(np.float64) * (0.01 / np.linalg.norm(attack["w"].astype(np.float64)))
+    exact = (sum(d["w"].astype(np.float64) for d in honest) + clipped) / 6
+    assert mean.clipped == 1
+    np.testing.assert_allclose(got, exact, rtol=0, atol=1e-9)  # the correction-fold path was off by ~3e-3
+
+
+def test_a_device_holding_half_of_the_history_cannot_raise_the_weight_cap() -> None:
+    history = InfluenceHistory()
+    history.record([(2**31 - 1, 1.0), (100.0, 1.0)] * 3)  # every other update is the attacker's
+    assert history.bounds(InfluenceSettings(), {}).weight_cap == 200.0  # 2 x the lower middle value
+
+
+def test_a_history_of_zero_updates_still_bounds_the_next_ones() -> None:
+    history = InfluenceHistory()
+    history.record([(10.0, 0.0)] * MIN_HISTORY)
+    bound = history.bounds(InfluenceSettings(), {"w": np.ones(2)}).max_norm
+    assert bound is not None and 0 < bound <= 1e-9
+
+
+def test_a_stop_between_the_history_and_the_registry_row_resumes_with_the_rounds_own_bounds(tmp_path) -> None:
+    arch = MLPArchitecture(2, (), 2)
+    config = AggregatorConfig(fleet="f", state_dir=tmp_path, arch=arch, seed=1, policy=RoundPolicy(2, 2))
+    agg = Aggregator(config)
+    for version in (1, 2, 3):  # six accepted updates: a history
+        agg.ingest("a", update_payload("a", f"a{version}", 10, 0.01, base=version))
+        agg.ingest("b", update_payload("b", f"b{version}", 30, 0.01, base=version))
+        agg.close_round()
+    bounds = agg.round.bounds
+    # claims of 20 and 20 (the cap) would move the lower median of the weights from 10 to 20
+    agg.ingest("a", update_payload("a", "a4", 20, 0.01, base=4))
+    agg.ingest("b", update_payload("b", "b4", 1000, 0.01, base=4))
+    assert bounds.weight_cap == 20.0 and agg.history.with_round(agg.round.result().applied).bounds(
+        config.influence_settings, agg.model.params).weight_cap == 40.0
+    # the history of v5 is written, then the process stops before v5's registry row
+    agg._save_history(5, agg.history.with_round(agg.round.result().applied))
+    agg.journal.close()
+    agg.registry.close()
+    again = Aggregator(config)
+    assert again.model.version == 4 and again.round.count == 2 and again.round.bounds == bounds
+    again.journal.close()
+    again.registry.close()

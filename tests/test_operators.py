@@ -158,11 +158,17 @@ def test_a_rotation_retires_the_old_key_once_a_model_of_the_new_one_is_installed
         reloaded.verify(*other.signed_by)  # type: ignore[misc]
 
 
-def test_a_trust_store_of_the_older_format_keeps_its_announced_key(tmp_path: Path) -> None:
-    k1, k2 = SigningKey.generate(), SigningKey.generate()
-    (tmp_path / "trust.json").write_text(json.dumps({"keys": [k1.public_raw.hex(), k2.public_raw.hex()]}))
+def test_a_trust_store_of_the_older_format_trusts_its_keys_until_the_first_install(tmp_path: Path) -> None:
+    """The old format listed every key ever seen, sorted: it does not say which is current. All of
+    them verify (as before the upgrade) until a model is installed; its key is then the fleet key
+    and the others are retired."""
+    k1, k2, k3 = SigningKey.generate(), SigningKey.generate(), SigningKey.generate()  # rotated k1 -> k2 -> k3
+    (tmp_path / "trust.json").write_text(json.dumps({"keys": sorted(k.public_raw.hex() for k in (k1, k2, k3))}))
     store = TrustStore(tmp_path / "trust.json", k1.public_raw)
-    assert set(store.keys) == {k1.key_id, k2.key_id} and store.next == k2.public_raw
+    assert set(store.keys) == {k1.key_id, k2.key_id, k3.key_id}
+    store.installed(k3.key_id, None)
+    again = TrustStore(tmp_path / "trust.json", k1.public_raw)
+    assert set(again.keys) == {k3.key_id} and {k1.key_id, k2.key_id} <= set(again.retired)
 
 
 def test_a_newly_provisioned_key_replaces_the_stored_ones(tmp_path: Path) -> None:
@@ -250,7 +256,21 @@ def test_commands_and_requests_round_trip_with_their_new_fields(fleet_pki: Path)
     with pytest.raises(RejectedMessage, match="needs the version"):
         decode_message(Command("freeze", issued_at=5.0).encode(), max_bytes=1 << 16, expect=Command)
     with pytest.raises(RejectedMessage):
-        decode_message(Command("pause", issued_at=5.0, target="../x").encode(), max_bytes=1 << 16, expect=Command)
+        decode_message(Command("pause", issued_at=5.0, target="../x").encode(alice), max_bytes=1 << 16, expect=Command)
+    # unsigned, the binding fields stay out, so that devices of the version before read them
+    plain = decode_message(Command("pause", issued_at=5.0, target="all", fleet="f1").encode(), max_bytes=1 << 16,
+                           expect=Command)
+    assert plain.target == "" and plain.fleet == "" and plain.command == "pause"
+    unsigned_request = decode_message(OpsRequest("r", "status", "alice", issued_at=9.0, fleet="f1").encode(),
+                                      max_bytes=1 << 16, expect=OpsRequest)
+    assert unsigned_request.issued_at == 0.0 and unsigned_request.fleet == ""
+    # a candidate with a cohort is marked by it (no new key for older devices); without one, by stage
+    key = SigningKey.generate()
+    with_cohort = ModelMessage("f1", 2, 1, ARCH, Task(), ARCH.init_params(0), 1.0, cohort=("d1",), stage="candidate")
+    assert b"stage" not in with_cohort.encode(key)
+    assert decode_message(with_cohort.encode(key), max_bytes=1 << 20, expect=ModelMessage).is_candidate
+    empty = ModelMessage("f1", 2, 1, ARCH, Task(), ARCH.init_params(0), 1.0, stage="candidate")
+    assert decode_message(empty.encode(key), max_bytes=1 << 20, expect=ModelMessage).is_candidate
     req = request(alice, issued_at=9.0)
     assert req.issued_at == 9.0 and req.fleet == "f1" and req.signed_by is not None
 
@@ -269,3 +289,19 @@ def test_a_rate_limited_update_stays_in_the_outbox_until_it_is_due_again(tmp_pat
     assert agent.counters["deferred_rate_limited"] == 1 and agent.counters["rejected"] == 0
     agent.outbox.retry_after("u1", 0.0)
     assert agent.outbox.due() == [entry]
+
+
+def test_a_signed_push_is_remembered_across_an_aggregator_restart(fleet_pki: Path, tmp_path: Path) -> None:
+    from fedmq.aggregator.config import OpsAuth
+    from fedmq.aggregator.daemon import Aggregator
+
+    config = AggregatorConfig(fleet="f1", state_dir=tmp_path, arch=ARCH, ops_auth=OpsAuth(fleet_pki / "ca.pem"))
+    first = Aggregator(config)
+    pushed = request(signer(fleet_pki, "alice"), issued_at=time.time(), op="model.push")
+    OpsService(first)._remember("alice", pushed)
+    first.journal.close()
+    first.registry.close()
+    again = OpsService(Aggregator(config))  # a restart within the freshness window
+    assert ("alice", pushed.request_id) in again._seen
+    (tmp_path / "ops_seen.json").write_text("{broken")
+    assert not OpsService(Aggregator(config))._seen  # unreadable: a warning, not a lock-out

@@ -205,7 +205,10 @@ def test_cli_revoke_and_broker_config(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "already revoked" in capsys.readouterr().out
 
     assert run_cli(*config_args) == 0
-    assert "revoked devices denied in the ACL: dev-b, dev-c" in capsys.readouterr().err
+    written = capsys.readouterr()
+    assert "revoked devices denied in the ACL: dev-b, dev-c" in written.err and written.out == ""  # -o: the file only
+    assert run_cli(*config_args[:-2]) == 0  # without -o the config goes to stdout, revocations or not
+    assert capsys.readouterr().out == conf.read_text()
     text = acl.read_text()
     for device in ("dev-b", "dev-c"):
         assert f"user {device}\ntopic deny #\n" in text

@@ -51,19 +51,33 @@ def test_only_cohort_reports_on_this_candidate_and_baseline_count() -> None:
     assert canary.add_report("a", report(7, 0.9, 5, 0.9)) and list(canary.reports) == ["a"]
 
 
-def test_decision_uses_example_weighted_accuracy_against_the_threshold() -> None:
-    policy = RolloutPolicy(cohort=("a", "b"), max_accuracy_drop=0.02)
-    canary = Canary(7, 5, ("a", "b"), started=100.0)
-    canary.add_report("a", report(7, 0.80, 5, 0.85, examples=30))
+def test_decision_uses_the_median_of_the_cohorts_accuracy_drops() -> None:
+    policy = RolloutPolicy(cohort=("a", "b", "c"), max_accuracy_drop=0.02)
+    canary = Canary(7, 5, ("a", "b", "c"), started=100.0)
+    canary.add_report("a", report(7, 0.80, 5, 0.85, examples=30))   # drop 0.05
+    canary.add_report("b", report(7, 0.95, 5, 0.90, examples=10))   # drop -0.05
     assert canary.decide(101.0, policy) is None                     # waits for the whole cohort
-    canary.add_report("b", report(7, 0.95, 5, 0.90, examples=10))
+    canary.add_report("c", report(7, 0.87, 5, 0.90, examples=20))   # drop 0.03
     decision = canary.decide(101.0, policy)
-    # candidate (0.80*30 + 0.95*10)/40 = 0.8375, baseline (0.85*30 + 0.90*10)/40 = 0.8625: a drop of 0.025
-    assert decision is not None and not decision.promote
-    assert decision.candidate_accuracy == pytest.approx(0.8375) and decision.baseline_accuracy == pytest.approx(0.8625)
-    assert decision.promote is False and "0.0250 below" in decision.reason
-    assert Canary(7, 5, ("a", "b"), 100.0, dict(canary.reports)).decide(101.0, RolloutPolicy(cohort=("a", "b"),
-                                                                          max_accuracy_drop=0.03)).promote
+    # median drop 0.03 > 0.02: rolled back. Shown accuracies: examples capped at 2 x 20 = 40 (none
+    # is), candidate (0.80*30 + 0.95*10 + 0.87*20)/60 = 0.8483, baseline (0.85*30 + 0.90*10 + 0.90*20)/60 = 0.875
+    assert decision is not None and not decision.promote and "accuracy drop 0.0300" in decision.reason
+    assert decision.candidate_accuracy == pytest.approx(0.848333, abs=1e-6)
+    assert decision.baseline_accuracy == pytest.approx(0.875)
+    relaxed = RolloutPolicy(cohort=("a", "b", "c"), max_accuracy_drop=0.03)
+    assert Canary(7, 5, ("a", "b", "c"), 100.0, dict(canary.reports)).decide(101.0, relaxed).promote
+
+
+def test_one_lying_cohort_device_cannot_promote_a_bad_candidate() -> None:
+    """Was: one device reporting accuracy 1.0, baseline 0.0 and 10^15 examples decided alone."""
+    policy = RolloutPolicy(cohort=("a", "b", "liar"), max_accuracy_drop=0.02)
+    canary = Canary(7, 5, ("a", "b", "liar"), started=0.0)
+    canary.add_report("a", report(7, 0.10, 5, 0.95, examples=100))
+    canary.add_report("b", report(7, 0.10, 5, 0.95, examples=100))
+    assert not canary.add_report("liar", report(7, 1.5, 5, 0.0, examples=1e15))  # an accuracy over 1: refused
+    canary.add_report("liar", report(7, 1.0, 5, 0.0, examples=1e15))
+    decision = canary.decide(1.0, policy)
+    assert decision is not None and not decision.promote and "accuracy drop 0.8500" in decision.reason
 
 
 def test_min_reports_and_timeout() -> None:
