@@ -79,6 +79,16 @@ def require_mosquitto() -> str:
 
 
 @pytest.fixture
+def umask_0() -> Iterator[None]:
+    """No umask for the test: file modes are exactly what the code asks for."""
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.fixture
 def fleet() -> str:
     """A fleet name no other test uses, so retained messages never leak between tests."""
     return f"t{uuid.uuid4().hex[:10]}"

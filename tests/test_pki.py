@@ -10,7 +10,6 @@ import ipaddress
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -81,13 +80,6 @@ def ca_dir(tmp_path: Path) -> Path:
     return directory
 
 
-@pytest.fixture
-def umask_0() -> Iterator[None]:
-    old = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def test_init_ca_is_a_self_signed_p256_ca_with_a_private_key(tmp_path: Path) -> None:
