@@ -93,7 +93,9 @@ def _common_options() -> argparse.ArgumentParser:
     group.add_argument("--client-id", default=None,
                        help="MQTT client id (default ops-USER-RANDOM; with broker ACLs: your operator identity)")
     group.add_argument("--ca-file", help="CA certificate (PEM) that signed the broker's certificate")
-    group.add_argument("--cert-file", help="client certificate (PEM) for brokers that require one")
+    group.add_argument("--cert-file", help="client certificate (PEM) for brokers that require one; an operator "
+                       "certificate (fedmq pki issue-client NAME --role operator) also signs every request and "
+                       "command, which an aggregator and devices that know the fleet CA require")
     group.add_argument("--key-file", help="private key (PEM) of --cert-file")
     group.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the aggregator (default 10)")
     return common

@@ -442,8 +442,14 @@ async def test_ops_through_the_secure_broker_and_its_acl(tmp_path: Path) -> None
             code, out, err = await asyncio.to_thread(run_cli, ["model", "list", *tls])
             assert code == 0 and "*v1" in out, err
             code, out, err = await asyncio.to_thread(run_cli, ["fleet", "pause", "--device", "dev-a", *tls])
-            assert code == 0, err
+            assert code == 0 and f"signed by {OPERATOR}" in out, err
             await until(lambda: device.paused)
+            code, out, err = await asyncio.to_thread(run_cli, ["fleet", "freeze", "--version", "1", *tls])
+            assert code == 0 and "freeze at v1 sent to every device" in out, err
+            await until(lambda: device.frozen == 1 and device.paused)  # apart from the pause
+            code, out, err = await asyncio.to_thread(run_cli, ["fleet", "unfreeze", *tls])
+            assert code == 0, err
+            await until(lambda: device.frozen == 0 and device.paused)
             code, out, err = await asyncio.to_thread(run_cli, ["model", "export", "1", str(tmp_path / "m.onnx"), *tls])
             assert code == 0 and (tmp_path / "m.onnx").stat().st_size > 0, err
         # the operator may read artifacts (export of a model with a backbone fetches one: the devices'
