@@ -208,7 +208,8 @@ class Aggregator:
         """The weights and norms of the fleet's recent accepted updates (they bound every round)."""
         try:
             data = json.loads(self._history_path().read_text())
-            if data.get("version", 0) > self.model.version:
+            latest = self.registry.latest()  # (a staged candidate is stored although the fleet runs its parent)
+            if data.get("version", 0) > (latest.version if latest else 0):
                 # stopped between storing the history and the registry row of that version: the
                 # round resumes from the journal, so it gets the bounds it had
                 data = data.get("before", {})
@@ -255,6 +256,10 @@ class Aggregator:
     def _replay_journal(self) -> None:
         """Rebuild the open round and the de-duplication memory from the journal after a restart."""
         records = self.journal.open_round(self.model.version)
+        if records and self.round.checks_values:
+            # fold as the live daemon did: with the kernel compiled, small tensors are folded (and
+            # their sums of squares, which set a clipped delta's weight, taken) by it too
+            fold.warm_up(max((int(np.prod(shape)) for shape in self._shapes.values()), default=0))
         for _, closed in self.journal.closed_rounds():
             for device, payload in closed:
                 try:

@@ -14,9 +14,12 @@ updates the fleet had accepted before (pure logic, no I/O):
   accepted updates' L2 norms; before there is a history, :data:`BOOTSTRAP_NORM_RATIO` times the
   norm of the model itself. A configured number replaces it; ``"off"`` removes it.
 
-What the history records is what was *applied* (the capped example count, the clipped norm), so
-an attacker's inflated claims never raise the median that bounds them, as long as fewer than half
-of the recent updates are its own. What it still allows: a minority of devices that each stay within
+The history keeps what the updates came with (the example count claimed, the norm before
+clipping), and the bounds take its *lower* median: updates that are fewer than half of the recent
+ones cannot move it at all, and exactly half can only lower it (which costs training while they
+are there, not control of it). Recording what came, not what was applied, lets the bounds recover
+as soon as such updates stop: a clipped norm recorded as the bound would keep a lowered bound
+low for thousands of updates. What it still allows: a minority of devices that each stay within
 the bounds moves the model by at most their share of the weight times ``norm_factor`` honest
 steps per round (slow, coordinated drift is out of reach of any per-update bound: see SECURITY.md).
 """
@@ -83,11 +86,6 @@ class RoundBounds:
             return float(num_examples)
         return float(min(num_examples, self.weight_cap))
 
-    def recorded(self, num_examples: int) -> float:
-        """What the history keeps of a claim: the claim, capped when there is a cap (equal
-        weights are a bootstrap rule, not a measure of the fleet's example counts)."""
-        return float(num_examples if self.weight_cap is None else min(num_examples, self.weight_cap))
-
     def to_info(self) -> dict[str, Any]:
         out: dict[str, Any] = {"weights": "equal" if self.equal_weights else "examples"}
         if self.weight_cap is not None and not self.equal_weights:
@@ -98,7 +96,7 @@ class RoundBounds:
 
 
 class InfluenceHistory:
-    """The applied weights and norms of the fleet's recent accepted updates."""
+    """The example counts and norms the fleet's recent accepted updates came with."""
 
     def __init__(self, window: int = HISTORY_WINDOW) -> None:
         self.weights: deque[float] = deque(maxlen=window)

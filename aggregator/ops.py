@@ -231,7 +231,14 @@ class OpsService:
             return
         if cached is None:
             if operator and request.op in MUTATING:
-                self._remember(operator, request)
+                try:
+                    self._remember(operator, request)
+                except OSError as exc:
+                    log.error("cannot record ops request %s of %s (%s); not done", request.request_id, operator, exc)
+                    error = f"the aggregator cannot record the request on disk ({exc}); it was not done, send it again"
+                    await self._publish(client, reply_topic, OpsResponse(request.request_id, False, error=error).encode(),
+                                        correlation)
+                    return
             encoded = await self._answer(client, requester, request, operator)
             if request.op in MUTATING:
                 self._answers[key] = encoded
@@ -269,12 +276,15 @@ class OpsService:
             return []
 
     def _remember(self, operator: str, request: OpsRequest) -> None:
-        """Remember a signed mutating request before doing it, on disk (written before the op)."""
-        self._seen[(operator, request.request_id)] = request.issued_at
+        """Remember a signed mutating request before doing it: on disk first (``OSError`` when
+        that fails, and then it is not remembered either, so that a re-send can still be done)."""
+        seen = OrderedDict(self._seen)
+        seen[(operator, request.request_id)] = request.issued_at
         oldest = time.time() - REQUEST_WINDOW_S - MAX_CLOCK_SKEW_S
-        while self._seen and (next(iter(self._seen.values())) < oldest or len(self._seen) > 10_000):
-            self._seen.popitem(last=False)
-        write_atomic(self._seen_path, json.dumps([[op, rid, at] for (op, rid), at in self._seen.items()]).encode())
+        while seen and (next(iter(seen.values())) < oldest or len(seen) > 10_000):
+            seen.popitem(last=False)
+        write_atomic(self._seen_path, json.dumps([[op, rid, at] for (op, rid), at in seen.items()]).encode())
+        self._seen = seen
 
     async def _answer(self, client: aiomqtt.Client, requester: str, request: OpsRequest, operator: str = "") -> bytes:
         self.aggregator.counters["ops_requests"] += 1

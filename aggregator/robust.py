@@ -283,6 +283,7 @@ class NormClipping:
         self.mode = mode
         self.clipped = 0     # deltas scaled down (clip mode)
         self.last_norm = math.nan  # the norm the last added delta was passed on with
+        self.last_raw_norm = math.nan  # ... and the one it came with
         self.rejected = 0    # deltas refused (reject mode, or non-finite)
 
     @property
@@ -329,6 +330,7 @@ class NormClipping:
             self.rejected += 1
             raise refusal
         self.last_norm = min(norm, self.max_norm)
+        self.last_raw_norm = norm
         if norm > self.max_norm:
             scale = self.max_norm / norm
             delta = {name: (np.asarray(array, dtype=np.float64) * scale).astype(np.float32)

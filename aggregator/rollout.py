@@ -4,22 +4,25 @@ own data says it is not worse than the version the fleet runs (pure logic, no I/
 The aggregator publishes the candidate retained on the canary topic, naming its cohort. Each
 cohort device evaluates the candidate *and* its installed model on its local data and reports both
 in its retained status (``evaluation``). Once enough reports are in (``min_reports``, default the
-whole cohort), the **median over the reporting devices of their accuracy drop** (baseline minus
-candidate, each device one vote) decides:
+whole cohort), the cohort devices' **accuracy drops** (baseline minus candidate, each device one
+vote) decide:
 
-- ``drop <= max_accuracy_drop``: **promote**. The candidate's weights become the next version on
-  the model topic, for everyone.
-- otherwise, or when the reports do not come within ``timeout_s``: **roll back**. The baseline's
+- a strict majority of the whole cohort reported a drop of at most ``max_accuracy_drop``:
+  **promote**. The candidate's weights become the next version on the model topic, for everyone.
+- the reports already make that impossible, or they do not come within ``timeout_s``: **roll
+  back**. The baseline's
   weights are re-published as the next version, so every device moves on to a higher version
   (rollback protection holds) and trains again from weights known to be good.
 
 No device installs a candidate before the decision: the canary is an evaluation on real device
 data, and a bad candidate never serves a prediction.
 
-Reports are self-declared. A median of per-device drops is moved beyond the honest devices' own
-range only by lying devices that are at least half of those reporting, whatever they claim; an
-example-weighted mean (what decided before) let one device that claimed 10^15 examples and a
-perfect candidate promote anything. Accuracies outside [0, 1] are refused. The decision's
+In between (the majority not yet reached, ``min_reports`` reached or not) the canary waits.
+Reports are self-declared: promoting needs more than half of the cohort, so lying devices that
+are fewer than half of it cannot promote a candidate, whatever they claim, nor report early to
+decide before the others (``min_reports`` smaller than the cohort). An example-weighted mean
+(what decided before) let one device that claimed 10^15 examples and a perfect candidate promote
+anything. Accuracies outside [0, 1] are refused. The decision's
 accuracies are still shown as example-weighted means, with each device's examples capped at
 twice the median of the reports.
 """
@@ -120,21 +123,32 @@ class Canary:
         needed = self.needed(policy)
         if needed and len(self.reports) >= needed:
             reports = list(self.reports.values())
-            drop = statistics.median(r["baseline_accuracy"] - r["accuracy"] for r in reports)
+            drops = [r["baseline_accuracy"] - r["accuracy"] for r in reports]
+            missing = len(self.cohort) - len(reports)
+            # the strict-majority drop of the whole cohort, the missing reports counted as the worst
+            # and as the best they could be: decide only once both agree
+            drop = statistics.median_high(drops + [math.inf] * missing)
+            best_case = statistics.median_high(drops + [-math.inf] * missing)
+            if drop > policy.max_accuracy_drop + 1e-12 and best_case <= policy.max_accuracy_drop + 1e-12:
+                return self._timeout(now, policy, needed)
             cap = 2.0 * statistics.median_low(r["examples"] for r in reports)
             weights = [min(r["examples"], cap) for r in reports]
             total = sum(weights)
             candidate = sum(r["accuracy"] * w for r, w in zip(reports, weights, strict=True)) / total
             baseline = sum(r["baseline_accuracy"] * w for r, w in zip(reports, weights, strict=True)) / total
-            counted = f"median over {len(reports)} cohort device(s)"
+            counted = f"majority of {len(self.cohort)} cohort device(s), {len(reports)} reported"
             if drop <= policy.max_accuracy_drop + 1e-12:
                 reason = (f"accuracy drop {drop:.4f} ({counted}); cohort accuracy {candidate:.4f} vs {baseline:.4f} "
                           f"on v{self.baseline}")
                 return Decision(True, reason, candidate, baseline, len(self.reports))
-            reason = (f"accuracy drop {drop:.4f} ({counted}) is over max_accuracy_drop {policy.max_accuracy_drop}; "
+            # a rollback is certain: shown is the drop even if every missing device reported the best
+            reason = (f"accuracy drop {best_case:.4f} ({counted}) is over max_accuracy_drop {policy.max_accuracy_drop}; "
                       f"cohort accuracy {candidate:.4f} vs v{self.baseline}'s {baseline:.4f}")
             return Decision(False, reason, candidate, baseline, len(self.reports))
+        return self._timeout(now, policy, needed)
+
+    def _timeout(self, now: float, policy: RolloutPolicy, needed: int) -> Decision | None:
         if now - self.started >= policy.timeout_s:
-            return Decision(False, f"only {len(self.reports)} of {needed} cohort evaluations within {policy.timeout_s:g}s",
-                            reports=len(self.reports))
+            return Decision(False, f"only {len(self.reports)} of {len(self.cohort)} cohort evaluations (at least "
+                            f"{needed} and a majority needed) within {policy.timeout_s:g}s", reports=len(self.reports))
         return None

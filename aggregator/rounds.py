@@ -49,7 +49,7 @@ class RoundResult:
     num_examples: int
     bytes_in: int
     metrics: dict[str, float] = field(default_factory=dict)   # example-weighted means of device metrics
-    #: (capped example count, norm) of each accepted update as applied, in arrival order (the fleet's history)
+    #: (example count, norm) of each accepted update as it came, in arrival order (the fleet's history)
     applied: list[tuple[float, float]] = field(default_factory=list)
 
 
@@ -124,10 +124,10 @@ class _Collector:
         weight = self.weight_of(update)
         self._mean.add(self.contribution(update, delta), weight)
         self._devices.add(update.device)
-        norm = getattr(self._mean, "last_norm", None)
+        norm = getattr(self._mean, "last_raw_norm", None)
         if norm is None:  # a strategy that does not measure norms: one more pass, for the history
             norm = math.sqrt(sum(float(np.dot(a.reshape(-1), a.reshape(-1))) for a in self.contribution(update, delta).values()))
-        self._applied.append((self.bounds.recorded(update.num_examples), float(norm)))
+        self._applied.append((float(update.num_examples), float(norm)))
         self._examples += update.num_examples
         self._weight += weight
         self._bytes += payload_bytes

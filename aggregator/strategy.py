@@ -101,7 +101,7 @@ class WeightedMean:
     back, one more pass for such a delta only) or refused with reason ``norm`` (``"reject"``); its
     weight still counts in full in the total, so a clipped update moves the mean by at most its
     share of the weight times ``max_norm``. :attr:`last_norm` is the norm the last added delta was
-    folded with.
+    folded with, :attr:`last_raw_norm` the one it came with.
     """
 
     #: The delta's values are checked here; the intake can skip its own pass over them.
@@ -120,6 +120,7 @@ class WeightedMean:
         self.clipped = 0
         self.clipped_now = False  # whether the pending (checked, not added) delta was clipped
         self.last_norm = math.nan
+        self.last_raw_norm = math.nan  # ... and the norm it was sent with
         self._key = _shapes_key(shapes)
         spare = _take_spare(self._key)
         if spare is None:
@@ -134,8 +135,9 @@ class WeightedMean:
         self._released = False
         self._since: list[tuple[Mapping[str, np.ndarray], float]] = []  # added after the snapshot, in order
         self._since_bytes = 0
-        # in the sums, not added: (delta, weight, the weights it was folded with, its norm as folded)
-        self._pending: tuple[Mapping[str, np.ndarray], float, tuple[float, ...], float] | None = None
+        # in the sums, not added: (delta, weight, the weights it was folded with, its norm as folded,
+        # its norm as sent)
+        self._pending: tuple[Mapping[str, np.ndarray], float, tuple[float, ...], float, float] | None = None
         self.total_weight = 0.0
         self.count = 0
 
@@ -171,6 +173,7 @@ class WeightedMean:
             self._rewind()
             raise value_refusal(delta)
         folds, norm = (float(weight),), math.sqrt(squared)
+        raw_norm = norm
         if self.max_norm is not None and norm > self.max_norm:
             if self.norm_mode == "reject":
                 self._rewind()
@@ -191,7 +194,7 @@ class WeightedMean:
                 folds = (float(weight) * scale,)
             norm = self.max_norm
             self.clipped_now = True
-        self._pending = (delta, float(weight), folds, norm)
+        self._pending = (delta, float(weight), folds, norm, raw_norm)
 
     #: A clip whose scale is below this refolds the delta scaled instead of correcting the fold:
     #: ``w*x - w*(1-s)*x`` loses about ``eps32 / s`` of the sums' bits to cancellation.
@@ -205,7 +208,7 @@ class WeightedMean:
         if self._pending is None or self._pending[0] is not delta or self._pending[1] != float(weight):
             self.check(delta, weight)
         assert self._pending is not None
-        _, _, folds, self.last_norm = self._pending
+        _, _, folds, self.last_norm, self.last_raw_norm = self._pending
         if self.clipped_now:
             self.clipped += 1
         self._pending = None

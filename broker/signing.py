@@ -181,15 +181,7 @@ class TrustStore:
         Returns what changed, for the log; persists atomically when anything did."""
         changes: list[str] = []
         if self.legacy:
-            # the first install since the upgrade names the current key; every other one retires
-            if signer_kid in self.legacy:
-                self.current = self.legacy[signer_kid]
-            now = time.time()
-            for kid in self.legacy:
-                if kid != key_id(self.current):
-                    self.retired[kid] = now
-            self.legacy = {}
-            changes.append(f"key {key_id(self.current)} is the fleet key; the other keys of the old trust store are retired")
+            changes.append(self.settle(signer_kid, announced))
         if self.next is not None and signer_kid == key_id(self.next) and signer_kid != key_id(self.current):
             old = key_id(self.current)
             self.retired[old] = time.time()
@@ -202,6 +194,24 @@ class TrustStore:
         if changes:
             self._save()
         return changes
+
+    def settle(self, signer_kid: str, announced: bytes | None) -> str:
+        """Resolve a trust store of the older format: ``signer_kid`` signed the newest installed
+        model (the agent calls this at start-up with the model on disk, else the first install
+        does), so it is the current key and ``announced`` the next one; the other keys retire."""
+        if signer_kid in self.legacy:
+            self.current = self.legacy[signer_kid]
+        if announced is not None and key_id(announced) != key_id(self.current):
+            self.next = announced
+        now = time.time()
+        for kid in self.legacy:
+            if kid not in (key_id(self.current), key_id(self.next) if self.next is not None else ""):
+                self.retired[kid] = now
+        self.legacy = {}
+        self._save()
+        return (f"key {key_id(self.current)} is the fleet key"
+                + (f", {key_id(self.next)} the announced next one" if self.next is not None else "")
+                + "; the other keys of the old trust store are retired")
 
     def trust(self, public_raw: bytes) -> bool:
         """Accept ``public_raw`` as the announced next key (persisted); return whether it was new."""

@@ -122,6 +122,9 @@ class Agent:
         self._command_at: dict[str, float] = {"pause": 0.0, "freeze": 0.0}
         self._load_installed_model()
         self._load_command()
+        if self.trust is not None and self.trust.legacy and self.model is not None and self.model.signed_by is not None:
+            # a trust store from before key retirement: the installed model says which key is current
+            log.info("%s: %s", self.device, self.trust.settle(str(self.model.signed_by[2].get("key")), self.model.next_key))
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -210,9 +213,9 @@ class Agent:
                  f": {command.reason}" if command.reason else "")
         if not self.paused:
             self._model_changed.set()  # train on the model in hand if it is new to us
-        held, self._held_by_freeze = self._held_by_freeze, None
-        if held is not None:
-            self._on_model(held)  # the retained model a freeze kept out: installed now if allowed
+        if setting == "freeze" and self._held_by_freeze is not None:
+            held, self._held_by_freeze = self._held_by_freeze, None
+            self._on_model(held)  # the newest model a freeze kept out: installed now if allowed
         return command
 
     def dataset(self) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ import pytest
 
 from fedmq.aggregator.config import AggregatorConfig, norm_bound
 from fedmq.aggregator.daemon import Aggregator
-from fedmq.aggregator.influence import BOOTSTRAP_NORM_RATIO, MIN_HISTORY, InfluenceHistory, InfluenceSettings
+from fedmq.aggregator.influence import BOOTSTRAP_NORM_RATIO, MIN_HISTORY, InfluenceHistory, InfluenceSettings, RoundBounds
 from fedmq.aggregator.intake import DeviceRateLimit, retry_after, salvage_update_id
 from fedmq.aggregator.rounds import RoundPolicy
 from fedmq.aggregator.strategy import WeightedMean
@@ -226,3 +226,44 @@ def test_a_stop_between_the_history_and_the_registry_row_resumes_with_the_rounds
     assert again.model.version == 4 and again.round.count == 2 and again.round.bounds == bounds
     again.journal.close()
     again.registry.close()
+
+
+def test_the_norm_bound_recovers_as_soon_as_zero_updates_stop() -> None:
+    """Half of the history zero (say one stolen device of two sending zero deltas) lowers the
+    bound to almost nothing; the honest norms are recorded as they came, so it recovers within
+    the window once that stops."""
+    history = InfluenceHistory(window=20)
+    history.record([(10.0, 0.0), (10.0, 1.0)] * 10)
+    assert history.bounds(InfluenceSettings(), {}).max_norm <= 1e-9
+    history.record([(10.0, 1.0)] * 11)  # just over half of the window honest again
+    assert history.bounds(InfluenceSettings(), {}).max_norm == 2.0
+
+
+def test_a_restart_during_a_canary_keeps_the_candidates_round_in_the_history(tmp_path) -> None:
+    from fedmq.aggregator.rollout import RolloutPolicy
+
+    arch = MLPArchitecture(2, (), 2)
+    config = AggregatorConfig(fleet="f", state_dir=tmp_path, arch=arch, seed=1, policy=RoundPolicy(1, 1),
+                              rollout=RolloutPolicy(cohort=("d1",)))
+    agg = Aggregator(config)
+    agg.ingest("a", update_payload("a", "a1", 10, 0.01))
+    agg.close_round()  # staged: the candidate v2 is stored, the fleet stays on v1
+    assert agg.canary is not None and len(agg.history) == 1
+    agg.journal.close()
+    agg.registry.close()
+    again = Aggregator(config)
+    assert again.canary is not None and again.model.version == 1 and len(again.history) == 1
+    again.journal.close()
+    again.registry.close()
+
+
+def test_a_round_records_what_updates_came_with_not_what_was_applied() -> None:
+    from fedmq.aggregator.rounds import SyncRound
+
+    bounds = RoundBounds(weight_cap=20.0, max_norm=1.0)
+    shapes = {"dense0.weight": (2, 2), "dense0.bias": (2,)}
+    rnd = SyncRound(1, shapes, RoundPolicy(1, 1), opened_at=0.0,
+                    accumulator=WeightedMean(shapes, max_norm=1.0), bounds=bounds)
+    update = decode_message(update_payload("a", "a1", 1000, 2.5), max_bytes=1 << 16, expect=UpdateMessage)
+    rnd.add(update, dict(update.tensors), 100)  # norm 5 (four 2.5s), clipped to 1; 1000 examples, capped to 20
+    assert rnd.result().applied == [(1000.0, pytest.approx(5.0))]

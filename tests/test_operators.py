@@ -305,3 +305,34 @@ def test_a_signed_push_is_remembered_across_an_aggregator_restart(fleet_pki: Pat
     assert ("alice", pushed.request_id) in again._seen
     (tmp_path / "ops_seen.json").write_text("{broken")
     assert not OpsService(Aggregator(config))._seen  # unreadable: a warning, not a lock-out
+
+
+def test_an_upgraded_device_settles_its_old_trust_store_from_the_installed_model(tmp_path: Path) -> None:
+    """Mid-rotation: the old store lists k1 (current) and k2 (announced). The installed model,
+    signed by k1 and announcing k2, says so: k2 stays the next key, nothing else is trusted."""
+    k1, k2, k0 = SigningKey.generate(), SigningKey.generate(), SigningKey.generate()  # k0: retired long ago
+    k1.write(tmp_path / "k1.key", tmp_path / "k1.pub")
+    state = tmp_path / "agent"
+    state.mkdir()
+    (state / "trust.json").write_text(json.dumps({"keys": sorted(k.public_raw.hex() for k in (k0, k1, k2))}))
+    (state / "model.fmq").write_bytes(ModelMessage("f1", 7, 6, ARCH, Task(), ARCH.init_params(7), 1.0,
+                                                   next_key=k2.public_raw).encode(k1))
+    agent = Agent(AgentConfig(device_id="dev-1", fleet="f1", state_dir=state, backend="numpy",
+                              fleet_public_key=tmp_path / "k1.pub"))
+    assert set(agent.trust.keys) == {k1.key_id, k2.key_id} and k0.key_id in agent.trust.retired  # type: ignore[union-attr]
+    assert agent.install(model_payload(k2, 8)).version == 8  # the rotation goes on
+    with pytest.raises(RejectedMessage, match="retired"):
+        agent.install(model_payload(k1, 9))
+
+
+def test_a_request_that_cannot_be_recorded_is_not_remembered(fleet_pki: Path, tmp_path: Path) -> None:
+    from fedmq.aggregator.config import OpsAuth
+    from fedmq.aggregator.daemon import Aggregator
+
+    ops = OpsService(Aggregator(AggregatorConfig(fleet="f1", state_dir=tmp_path, arch=ARCH,
+                                                 ops_auth=OpsAuth(fleet_pki / "ca.pem"))))
+    (tmp_path / "ops_seen.json").mkdir()  # the file cannot be written
+    pushed = request(signer(fleet_pki, "alice"), issued_at=time.time(), op="model.push")
+    with pytest.raises(OSError):
+        ops._remember("alice", pushed)
+    assert ("alice", pushed.request_id) not in ops._seen  # a re-send can still be done

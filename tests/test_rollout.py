@@ -81,11 +81,38 @@ def test_one_lying_cohort_device_cannot_promote_a_bad_candidate() -> None:
 
 
 def test_min_reports_and_timeout() -> None:
+    policy = RolloutPolicy(cohort=("a", "b", "c"), min_reports=1)
     canary = Canary(7, 5, ("a", "b", "c"), started=0.0)
     canary.add_report("a", report(7, 0.9, 5, 0.9))
-    assert canary.decide(10.0, RolloutPolicy(cohort=("a", "b", "c"), min_reports=1)).promote
-    late = canary.decide(301.0, RolloutPolicy(cohort=("a", "b", "c"), timeout_s=300))
-    assert late is not None and not late.promote and "only 1 of 3" in late.reason
+    assert canary.decide(10.0, policy) is None          # one good report of three: no majority yet
+    canary.add_report("b", report(7, 0.9, 5, 0.9))
+    assert canary.decide(10.0, policy).promote           # two of three: a majority, c may stay silent
+    bad = Canary(7, 5, ("a", "b", "c"), started=0.0)
+    bad.add_report("a", report(7, 0.5, 5, 0.9))
+    assert bad.decide(10.0, policy) is None
+    bad.add_report("b", report(7, 0.5, 5, 0.9))
+    assert not bad.decide(10.0, policy).promote          # two bad of three: rolled back without c
+    late = Canary(7, 5, ("a", "b", "c"), started=0.0)
+    late.add_report("a", report(7, 0.9, 5, 0.9))
+    decision = late.decide(301.0, RolloutPolicy(cohort=("a", "b", "c"), timeout_s=300))
+    assert decision is not None and not decision.promote and "only 1 of 3" in decision.reason
+
+
+def test_lying_devices_fewer_than_half_the_cohort_cannot_promote_even_first_or_in_an_even_cohort() -> None:
+    liar = report(7, 1.0, 5, 0.0)                        # drop -1: the best a report can say
+    honest = report(7, 0.45, 5, 0.95)                    # drop 0.5
+    pair = Canary(7, 5, ("liar", "a"), started=0.0)
+    pair.add_report("liar", liar)
+    pair.add_report("a", honest)
+    assert not pair.decide(1.0, RolloutPolicy(cohort=("liar", "a"))).promote  # half is no majority
+    early = Canary(7, 5, tuple("abcdefghij"), started=0.0)
+    early.add_report("a", liar)                           # reports first; min_reports = 1 is reached
+    early.add_report("b", liar)
+    policy = RolloutPolicy(cohort=tuple("abcdefghij"), min_reports=1)
+    assert early.decide(1.0, policy) is None              # two of ten cannot decide
+    for device in "cdefgh":
+        early.add_report(device, honest)
+    assert not early.decide(1.0, policy).promote          # six bad of ten: rolled back
 
 
 # -- the aggregator's steps (no broker) ---------------------------------------------------------------
