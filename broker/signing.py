@@ -213,10 +213,6 @@ class TrustStore:
                 + (f", {key_id(self.next)} the announced next one" if self.next is not None else "")
                 + "; the other keys of the old trust store are retired")
 
-    def trust(self, public_raw: bytes) -> bool:
-        """Accept ``public_raw`` as the announced next key (persisted); return whether it was new."""
-        return bool(self.installed(key_id(self.current), public_raw))
-
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, json.dumps({
