@@ -23,7 +23,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,6 @@ class Deployment:
     pki: Path
     tmp: Path
     shards: list[tuple[np.ndarray, np.ndarray]]
-    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
     def settings(self, identity: str) -> BrokerSettings:
         cert, key = pki.device_paths(self.pki, identity)
@@ -137,11 +136,6 @@ class Deployment:
         x, y = self.shards[index]
         return Agent(AgentConfig(**fields), dataset=(x, y))
 
-    def start(self, coroutine: Any) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coroutine)
-        self.tasks.append(task)
-        return task
-
 
 @pytest.fixture
 def deployment(fleet_pki: Path, fleet: str, tmp_path: Path, digits: Any) -> Iterator[Deployment]:
@@ -161,9 +155,9 @@ def deployment(fleet_pki: Path, fleet: str, tmp_path: Path, digits: Any) -> Iter
 async def daemons(deployment: Deployment, aggregator: Aggregator | None, agents: list[Agent]) -> AsyncIterator[asyncio.Event]:
     """Run the aggregator and the agents until the block ends."""
     stop = asyncio.Event()
-    running = [deployment.start(a.run(stop)) for a in agents]
+    running = [asyncio.create_task(a.run(stop)) for a in agents]
     if aggregator is not None:
-        running.append(deployment.start(aggregator.run(stop)))
+        running.append(asyncio.create_task(aggregator.run(stop)))
     try:
         yield stop
     finally:
